@@ -1,0 +1,286 @@
+"""Lightning plumbing shared by every lightning-eos callback.
+
+The callbacks are thin adapters over the torch-only core; what they have in common lives here, once:
+
+* :class:`StepReplica` — run the user's own ``training_step`` on a replica of the LightningModule
+  (see :mod:`lightning_eos._replica`) with logging, printing and optimizer access silenced, and
+  return the loss it computes. Automatic and manual optimization are both handled.
+* :class:`OptimizerStepTracker` — tells real optimizer steps from accumulation micro-batches and
+  records the hyper-parameters each optimizer *applied* (read in ``on_before_optimizer_step``: by
+  ``on_train_batch_end`` a step-interval scheduler has already moved the LR to the next step's).
+* rank-aware logging to every attached logger, the TensorBoard custom-scalars layout, the DDP
+  all-reduce used by the probes, and the check for unsupported strategies.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_eos._replica import replicate
+
+__all__ = [
+    "OptimizerStepTracker",
+    "StepReplica",
+    "add_custom_scalars",
+    "allreduce_sum",
+    "check_supported_strategy",
+    "extract_loss",
+    "group_hparams",
+    "log_metrics",
+    "logging_step",
+]
+
+# Sharded strategies keep each rank's parameters partial: a replica or an HVP over them would be a
+# silent wrong number, so the callbacks refuse them at setup.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_supported_strategy(trainer: Trainer, owner: str) -> None:
+    """Raise a clear error at setup for strategies that shard parameters (FSDP, DeepSpeed, ...)."""
+    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    bad = names.intersection(_UNSUPPORTED_STRATEGIES)
+    if bad:
+        raise RuntimeError(
+            f"{owner} does not support the {type(trainer.strategy).__name__} strategy: it shards "
+            "parameters across ranks, so curvature probes and twins would see partial weights. "
+            "Supported: single device, 'ddp', 'ddp_spawn' (and other non-sharded data-parallel "
+            "strategies)."
+        )
+
+
+def extract_loss(output: Any) -> torch.Tensor:
+    """The loss in a ``training_step`` output: the tensor itself or ``output['loss']``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        return output["loss"]
+    raise ValueError(
+        "training_step must return a loss tensor or a dict with a 'loss' tensor for lightning-eos to "
+        f"measure it; it returned {type(output).__name__}. Pass loss_fn=... to the callback instead."
+    )
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _SilentOptimizer:
+    """Stands in for a real optimizer inside a replica's manual-optimization ``training_step``.
+
+    Reads (``param_groups``, ``state``) go to the real optimizer; ``step`` only evaluates a closure
+    if one is given, ``zero_grad`` does nothing, so the replica never updates anything.
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self._optimizer = optimizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        return closure() if closure is not None else None
+
+    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _SilentScheduler:
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._scheduler, name)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class StepReplica:
+    """The user's ``training_step`` evaluated on a replica of the LightningModule.
+
+    Args:
+        pl_module: the real (unwrapped) LightningModule.
+        trainer: the running trainer; the replica may read it (``self.trainer.global_step``,
+            ``self.current_epoch``) but cannot log through it.
+        share_parameters: True for a probe (derivatives with respect to the real weights; private
+            buffers and carried state), False for a twin (private weights too).
+        optimizer_idx: under manual optimization, which ``manual_backward`` call of the step holds
+            the loss of interest (the n-th call, n = ``optimizer_idx``).
+
+    The replica's ``log``/``log_dict``/``print`` do nothing, and under manual optimization its
+    ``optimizers()``/``lr_schedulers()``/``manual_backward``/``clip_gradients`` are inert stand-ins
+    that record the loss instead of stepping, so a replica step never reaches the real run.
+    """
+
+    def __init__(
+        self,
+        pl_module: LightningModule,
+        trainer: Trainer,
+        *,
+        share_parameters: bool,
+        optimizer_idx: int = 0,
+    ) -> None:
+        self.module = replicate(pl_module, share_parameters=share_parameters)
+        self.optimizer_idx = optimizer_idx
+        self._captured: list[torch.Tensor] = []
+        self._install(trainer)
+
+    def _install(self, trainer: Trainer) -> None:
+        module = self.module
+        module._trainer = trainer  # reads only: log/print below are silenced
+        for name in ("log", "log_dict", "print", "toggle_optimizer", "untoggle_optimizer"):
+            setattr(module, name, _noop)
+        if not module.automatic_optimization:
+            captured = self._captured
+
+            def manual_backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+                captured.append(loss)
+
+            def optimizers(use_pl_optimizer: bool = True) -> Any:
+                opts = [_SilentOptimizer(o) for o in trainer.optimizers]
+                return opts[0] if len(opts) == 1 else opts
+
+            def lr_schedulers() -> Any:
+                scheds = [_SilentScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
+                if not scheds:
+                    return None
+                return scheds[0] if len(scheds) == 1 else scheds
+
+            module.manual_backward = manual_backward
+            module.optimizers = optimizers
+            module.lr_schedulers = lr_schedulers
+            module.clip_gradients = _noop
+
+    def training_loss(self, batch: Any, batch_idx: int = 0) -> torch.Tensor:
+        """Run the replica's ``training_step`` on ``batch`` and return its scalar loss."""
+        self._captured.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            output = self.module.training_step(batch, batch_idx)
+        if self.module.automatic_optimization:
+            return extract_loss(output)
+        if len(self._captured) <= self.optimizer_idx:
+            raise ValueError(
+                f"training_step called manual_backward {len(self._captured)} time(s), so there is no "
+                f"loss for optimizer_idx={self.optimizer_idx}. Pass loss_fn=... to the callback."
+            )
+        return self._captured[self.optimizer_idx]
+
+    def loss_fn(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """``loss_fn(model, batch)`` form for :class:`lightning_eos.curvature.HessianOperator`."""
+        del model  # the replica itself is the model the operator differentiates
+        return self.training_loss(batch)
+
+
+def group_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """A plain snapshot of every param group's hyper-parameters (no ``params``, tensors as floats)."""
+    out = []
+    for group in optimizer.param_groups:
+        snap: dict[str, Any] = {}
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = float(value)
+            elif isinstance(value, tuple):
+                value = tuple(float(v) if isinstance(v, torch.Tensor) else v for v in value)
+            snap[key] = value
+        out.append(snap)
+    return out
+
+
+class OptimizerStepTracker:
+    """Real optimizer steps and the hyper-parameters they applied.
+
+    Call :meth:`on_train_batch_start` and :meth:`on_before_optimizer_step` from the callback hooks
+    of the same names; then in ``on_train_batch_end`` :meth:`stepped` says whether this batch ended
+    with a real optimizer step (False on accumulation micro-batches), and :attr:`applied` holds, per
+    optimizer index, the param-group snapshot taken just before that optimizer's last update.
+    """
+
+    def __init__(self) -> None:
+        self._step_at_batch_start = -1
+        self.applied: dict[int, list[dict[str, Any]]] = {}
+
+    def on_train_batch_start(self, trainer: Trainer) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        idx = optimizer_index(trainer, optimizer)
+        self.applied[idx] = group_hparams(optimizer)
+
+    def stepped(self, trainer: Trainer) -> bool:
+        return trainer.global_step != self._step_at_batch_start
+
+
+def optimizer_index(trainer: Trainer, optimizer: Any) -> int:
+    """Index of ``optimizer`` (a torch optimizer or a LightningOptimizer) in ``trainer.optimizers``."""
+    target = getattr(optimizer, "optimizer", optimizer)
+    for i, opt in enumerate(trainer.optimizers):
+        if opt is target:
+            return i
+    raise ValueError("optimizer is not one of trainer.optimizers")
+
+
+def logging_step(trainer: Trainer) -> int:
+    """The x-axis value ``self.log`` uses for the current step (shared with Lightning's own logs)."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def log_metrics(trainer: Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Write scalars to every logger now (rank zero) and expose them in ``trainer.callback_metrics``.
+
+    Direct ``logger.log_metrics`` (as LearningRateMonitor does) so a measurement made every N steps
+    is never dropped by ``log_every_n_steps``; ``callback_metrics`` lets EarlyStopping or
+    ModelCheckpoint monitor the values.
+    """
+    if not metrics:
+        return
+    step = logging_step(trainer) if step is None else step
+    for key, value in metrics.items():
+        trainer.callback_metrics[key] = torch.tensor(float(value))
+    _log_rank_zero(trainer, dict(metrics), step)
+
+
+@rank_zero_only
+def _log_rank_zero(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+@rank_zero_only
+def add_custom_scalars(trainer: Trainer, layout: dict[str, dict[str, list[Any]]]) -> None:
+    """Register a TensorBoard custom-scalars layout on every TensorBoardLogger (rank zero)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_custom_scalars(layout)
+
+
+def allreduce_sum(trainer: Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """An all-reduce SUM over the data-parallel ranks, or None when running in one process.
+
+    Every rank must call the returned function the same number of times (it is a collective).
+    """
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    return reduce
+
+
+def module_names(params: Sequence[torch.nn.Parameter], model: torch.nn.Module) -> list[str]:
+    """Names of ``params`` in ``model`` (for readable per-layer keys)."""
+    lookup = {id(p): n for n, p in model.named_parameters()}
+    return [lookup[id(p)] for p in params]
