@@ -1,0 +1,73 @@
+"""The replica mechanism shared by the probes and the twin."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_eos._replica import RngState, capture_rng, isolated_rng, replay_rng, replicate
+
+
+class Carrier(nn.Module):
+    """Parameters, a BatchNorm buffer, carried state and a data loader attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.counter = 0
+        self.loader = DataLoader(TensorDataset(torch.zeros(4, 3)), batch_size=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.counter += 1
+        return self.bn(self.lin(x))
+
+
+def test_shared_replica_shares_parameters_but_not_buffers_or_state() -> None:
+    real = Carrier()
+    before = {k: v.clone() for k, v in real.state_dict().items()}
+    rep = replicate(real, share_parameters=True)
+    assert all(a is b for a, b in zip(rep.parameters(), real.parameters()))
+    assert rep.bn.running_mean is not real.bn.running_mean
+    assert rep.loader is real.loader  # never copied
+    rep(torch.randn(5, 3)).sum().backward()
+    assert real.counter == 0 and rep.counter == 1
+    for key, value in real.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert real.lin.weight.grad is not None  # shared objects: autograd reaches the real weights
+
+
+def test_private_replica_owns_everything() -> None:
+    real = Carrier()
+    rep = replicate(real, share_parameters=False)
+    assert all(a is not b for a, b in zip(rep.parameters(), real.parameters()))
+    with torch.no_grad():
+        rep.lin.weight.add_(1.0)
+    assert not torch.equal(rep.lin.weight, real.lin.weight)
+
+
+def test_replay_gives_the_same_draws_without_advancing_the_stream() -> None:
+    torch.manual_seed(3)
+    state = capture_rng()
+    real_draw = torch.rand(4)
+    after_real = torch.get_rng_state()
+    with replay_rng(state):
+        replica_draw = torch.rand(4)
+    assert torch.equal(real_draw, replica_draw)
+    assert torch.equal(torch.get_rng_state(), after_real)
+
+
+def test_isolated_rng_restores_the_stream() -> None:
+    before = torch.get_rng_state()
+    with isolated_rng():
+        torch.rand(10)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_rng_state_round_trips_through_plain_dicts(tmp_path) -> None:
+    state = capture_rng()
+    path = tmp_path / "rng.pt"
+    torch.save(state.to_state_dict(), path)
+    loaded = RngState.from_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(loaded.cpu, state.cpu)
