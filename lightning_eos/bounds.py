@@ -139,7 +139,9 @@ def _check_unit_interval(value: Any, name: str) -> float:
     return out
 
 
-def _group(optimizer: torch.optim.Optimizer, group: int) -> Mapping[str, Any]:
+def _group(optimizer: torch.optim.Optimizer, group: int | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(group, Mapping):
+        return group  # a snapshot: the hyper-parameters a step applied, before a scheduler moved them
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         raise ValueError(
@@ -308,11 +310,15 @@ def rule_for(optimizer: torch.optim.Optimizer | type) -> ThresholdRule:
     )
 
 
-def critical_sharpness(optimizer: torch.optim.Optimizer, group: int = 0) -> float:
+def critical_sharpness(optimizer: torch.optim.Optimizer, group: int | Mapping[str, Any] = 0) -> float:
     """Threshold for the top Hessian eigenvalue under the optimizer's current hyper-parameters.
 
     Read from the live ``optimizer.param_groups[group]`` (so it follows schedulers; a tensor lr is
-    accepted). Units: those of Hessian eigenvalues of the loss (1/lr). For optimizers where
+    accepted), or from ``group`` itself when it is a param-group mapping: a snapshot of the
+    hyper-parameters a step applied, which a step-interval scheduler has moved on from by the time a
+    callback measures. The optimizer then only selects the rule.
+
+    Units: those of Hessian eigenvalues of the loss (1/lr). For optimizers where
     :func:`preconditioned_for` is True the threshold applies to ``λ_max(P⁻¹H)`` (see module docs for
     coupled decay in adaptive optimizers and for ``maximize=True``).
 
@@ -341,7 +347,9 @@ def is_maximizing(optimizer: torch.optim.Optimizer, group: int = 0) -> bool:
     return bool(_group(optimizer, group).get("maximize", False))
 
 
-def max_stable_lr(sharpness: float, optimizer: torch.optim.Optimizer, group: int = 0) -> float:
+def max_stable_lr(
+    sharpness: float, optimizer: torch.optim.Optimizer, group: int | Mapping[str, Any] = 0
+) -> float:
     """Largest lr at which a mode of curvature ``sharpness`` is stable, other hyper-parameters fixed.
 
     ``sharpness`` is in the same terms as :func:`critical_sharpness` (preconditioned for adaptive

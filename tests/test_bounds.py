@@ -530,3 +530,13 @@ def test_weight_decay_window_edges_are_marginal(
         assert worst(win.high + eps) > 1.0
     else:
         assert worst(0.5 * (win.low + win.high)) > 1.0 - 1e-9
+
+
+def test_group_snapshot_is_read_instead_of_the_live_group() -> None:
+    """Monitors pass the hyper-parameters a step applied; the live group may already hold the next LR."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    applied = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    opt.param_groups[0]["lr"] = 0.05  # a scheduler stepped
+    assert critical_sharpness(opt, group=applied) == pytest.approx(3.8 / 0.1)
+    assert critical_sharpness(opt) == pytest.approx(3.8 / 0.05)
+    assert max_stable_lr(19.0, opt, group=applied) == pytest.approx(0.2)

@@ -36,6 +36,7 @@ __all__ = [
     "group_hparams",
     "log_metrics",
     "logging_step",
+    "merge_custom_scalars",
 ]
 
 # Sharded strategies keep each rank's parameters partial: a replica or an HVP over them would be a
@@ -262,6 +263,24 @@ def add_custom_scalars(trainer: Trainer, layout: dict[str, dict[str, list[Any]]]
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_custom_scalars(layout)
+
+
+_LAYOUT_ATTR = "_lightning_eos_custom_scalars"
+
+
+def merge_custom_scalars(trainer: Trainer, layout: dict[str, dict[str, list[Any]]]) -> None:
+    """Add charts to the trainer's TensorBoard custom-scalars layout without dropping others'.
+
+    TensorBoard keeps only the *last* layout written to a run, so several callbacks each calling
+    :func:`add_custom_scalars` would erase each other's charts. This merges ``layout`` into one
+    layout kept on the trainer (categories and charts by name; later charts of the same name win)
+    and writes the merged whole.
+    """
+    merged: dict[str, dict[str, list[Any]]] = getattr(trainer, _LAYOUT_ATTR, None) or {}
+    for category, charts in layout.items():
+        merged.setdefault(category, {}).update(charts)
+    setattr(trainer, _LAYOUT_ATTR, merged)
+    add_custom_scalars(trainer, merged)
 
 
 def allreduce_sum(trainer: Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -1,0 +1,663 @@
+"""SharpnessMonitor: the training loss's top Hessian eigenvalue against the optimizer's threshold.
+
+Every ``every_n_steps`` real optimizer steps the callback measures, on the weights just updated,
+
+* the sharpness λ_max of the user's training loss (of P⁻¹H for the Adam family) on a probe set,
+* the critical sharpness the optimizer's *applied* hyper-parameters allow (``lightning_eos.bounds``),
+  their ratio (1 = edge of stability) and the largest stable learning rate,
+* optionally λ_min and the coupled weight-decay window, per-layer block sharpness, and the batch
+  sharpness gᵀHg/‖g‖² of the current batch (the edge indicator for minibatch SGD),
+
+and logs them on rank zero (keys in ``docs/callbacks.md``). The real run is never touched: the loss is
+the user's ``training_step`` run on a parameter-sharing replica (own buffers and carried state),
+derivatives come from ``torch.autograd.grad`` (never ``.grad``), and random draws happen inside an
+isolated generator state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import re
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import IterableDataset
+
+from lightning_eos import bounds, curvature
+from lightning_eos._replica import isolated_rng, rng_devices
+from lightning_eos.callbacks._lightning import (
+    StepReplica,
+    allreduce_sum,
+    check_supported_strategy,
+    group_hparams,
+    log_metrics,
+    logging_step,
+    merge_custom_scalars,
+    optimizer_index,
+)
+from lightning_eos.records import SharpnessRecord
+
+__all__ = ["SharpnessMonitor"]
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+_STATE_VERSION = 1
+
+
+def _resolve_callable(value: Any, name: str) -> LossFn | None:
+    """Accept a callable or its dotted import path (what a YAML config holds)."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str) and "." in value:
+        module_name, _, attr = value.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"{name}={value!r}: cannot import it ({err}).") from err
+    raise ValueError(
+        f"{name}={value!r} is not supported; accepted values: None, a callable (model, batch) -> scalar "
+        "loss, or its dotted import path."
+    )
+
+
+def _choice(name: str, value: Any, accepted: Sequence[Any]) -> None:
+    # Compare types too: 1 == True and 0 == False, but a YAML 1 is not a valid bool flag.
+    if not any(type(value) is type(a) and value == a for a in accepted):
+        raise ValueError(
+            f"{name}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}."
+        )
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        accepted = "a positive int" + (" or None" if allow_none else "")
+        raise ValueError(f"{name}={value!r} is not supported; accepted values: {accepted}.")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value > 0 and math.isfinite(value))
+    ):
+        raise ValueError(f"{name}={value!r} is not supported; accepted values: a finite float > 0.")
+
+
+def _check_prefix(value: Any) -> None:
+    if not isinstance(value, str) or not value or value.endswith("/"):
+        raise ValueError(
+            f"log_prefix={value!r} is not supported; accepted values: a non-empty str not ending in '/'."
+        )
+
+
+def _applied_bounds(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> list[float]:
+    """Critical sharpness of every param group under the applied hyper-parameters ``groups``."""
+    return [float(bounds.critical_sharpness(optimizer, group=g)) for g in groups]
+
+
+def _layers_of(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[str]:
+    """Paths of the modules that directly own trainable parameters, all of them among ``params``.
+
+    (The engine's notion of a layer, restricted to the monitored optimizer's parameters.)
+    """
+    wanted = {id(p) for p in params}
+    out = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own and all(id(p) in wanted for p in own):
+            out.append(name)
+    return out
+
+
+@contextlib.contextmanager
+def _float32_probe(device: torch.device) -> Iterator[None]:
+    """Gradients on, autocast off: the probe runs in the parameters' own (float32) precision.
+
+    Lightning leaves autocast on only around ``training_step``; turning it off here makes the probe
+    independent of where a hook happens to be called under ``bf16-mixed``/``16-mixed``.
+    """
+    autocast_device = device.type if device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
+    with torch.enable_grad(), torch.autocast(device_type=autocast_device, enabled=False):
+        yield
+
+
+class SharpnessMonitor(Callback):
+    r"""Log the sharpness of the training loss against the optimizer's critical sharpness.
+
+    Args:
+        every_n_steps: measure every this many real optimizer steps of the monitored optimizer
+            (the first step is always measured). Accumulation micro-batches never count.
+        probe: ``"fixed"``: ``probe_size`` samples drawn once (seeded, without replacement) from the
+            map-style train dataset at the start of training, collated with the loader's
+            ``collate_fn`` and kept on the device; ``"current"``: the current training batch.
+        probe_size: number of samples of the fixed probe (global, over all DDP ranks); ``None`` or
+            a value ≥ the dataset size takes the whole dataset (full-batch sharpness).
+        probe_batch_size: the fixed probe is evaluated in chunks of this many samples (memory);
+            ``None`` uses the train loader's batch size (the whole probe if it has none).
+        k: number of top eigenvalues computed (``eos/sharpness`` is the largest).
+        which: ``"largest"``, or ``"both"`` to also compute λ_min of the Hessian (and, for the SGD
+            family, the coupled weight-decay window).
+        per_layer: also log the block sharpness of each layer (the module that directly owns
+            trainable parameters).
+        preconditioned: ``"auto"`` measures λ_max(P⁻¹H) for the Adam family (where that is what
+            the threshold bounds) and λ_max(H) otherwise; ``True``/``False`` force it.
+        tol: relative residual tolerance of the eigen-solver.
+        max_iter: maximum Hessian-vector products per eigen-solve.
+        mode: ``"train"`` measures the loss as trained (dropout on, BatchNorm batch statistics);
+            ``"eval"`` with the module in eval mode.
+        optimizer_idx: which optimizer of ``configure_optimizers`` to monitor (its parameters, LR
+            and, under manual optimization, its ``manual_backward`` loss).
+        log_prefix: prefix of every logged key.
+        batch_sharpness: also log the batch sharpness gᵀHg/‖g‖² of the current batch (1 gradient +
+            1 HVP per measurement), averaged over the last ``batch_sharpness_window`` measurements.
+        batch_sharpness_window: number of measurements the batch sharpness is averaged over.
+        warn_ratio: the first time sharpness/critical exceeds this, warn once (rank zero).
+        loss_fn: ``loss_fn(model, batch) -> scalar mean loss`` (or its import path) to measure
+            instead of the module's ``training_step``; ``model`` is a parameter-sharing replica.
+        seed: seed of the probe draw and of the solver's start vector (never the global RNG).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        probe: Literal["fixed", "current"] = "fixed",
+        probe_size: int | None = 1024,
+        probe_batch_size: int | None = None,
+        k: int = 1,
+        which: Literal["largest", "both"] = "largest",
+        per_layer: bool = False,
+        preconditioned: bool | Literal["auto"] = "auto",
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        mode: Literal["train", "eval"] = "train",
+        optimizer_idx: int = 0,
+        log_prefix: str = "eos",
+        batch_sharpness: bool = True,
+        batch_sharpness_window: int = 10,
+        warn_ratio: float = 1.0,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _positive_int("every_n_steps", every_n_steps)
+        _choice("probe", probe, ("fixed", "current"))
+        _positive_int("probe_size", probe_size, allow_none=True)
+        _positive_int("probe_batch_size", probe_batch_size, allow_none=True)
+        _positive_int("k", k)
+        _choice("which", which, ("largest", "both"))
+        _choice("per_layer", per_layer, (True, False))
+        _choice("preconditioned", preconditioned, ("auto", True, False))
+        _positive_float("tol", tol)
+        _positive_int("max_iter", max_iter)
+        if isinstance(max_iter, int) and isinstance(k, int) and max_iter < k:
+            raise ValueError(f"max_iter={max_iter} is not supported; accepted values: an int ≥ k={k}.")
+        _choice("mode", mode, ("train", "eval"))
+        if isinstance(optimizer_idx, bool) or not isinstance(optimizer_idx, int) or optimizer_idx < 0:
+            raise ValueError(
+                f"optimizer_idx={optimizer_idx!r} is not supported; accepted values: an int ≥ 0."
+            )
+        _check_prefix(log_prefix)
+        _choice("batch_sharpness", batch_sharpness, (True, False))
+        _positive_int("batch_sharpness_window", batch_sharpness_window)
+        _positive_float("warn_ratio", warn_ratio)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} is not supported; accepted values: an int.")
+
+        self.every_n_steps = every_n_steps
+        self.probe = probe
+        self.probe_size = probe_size
+        self.probe_batch_size = probe_batch_size
+        self.k = k
+        self.which = which
+        self.per_layer = per_layer
+        self.preconditioned = preconditioned
+        self.tol = float(tol)
+        self.max_iter = max_iter
+        self.mode = mode
+        self.optimizer_idx = optimizer_idx
+        self.log_prefix = log_prefix
+        self.batch_sharpness = batch_sharpness
+        self.batch_sharpness_window = batch_sharpness_window
+        self.warn_ratio = float(warn_ratio)
+        self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
+        self.seed = seed
+
+        self.history: list[SharpnessRecord] = []
+        self._probe_indices: torch.Tensor | None = None  # global index set, int64, sorted
+        self._probe_batches: list[Any] | None = None  # this rank's collated chunks, on device
+        self._probe_weights: list[float] | None = None  # chunk size / global probe size
+        self._batch_window: deque[float] = deque(maxlen=batch_sharpness_window)
+        self._opt_steps = 0  # real steps of the monitored optimizer seen so far (resumable)
+        self._warned = False
+        self._stepped = False  # the monitored optimizer stepped during the current batch
+        self._applied: list[dict[str, Any]] = []
+        self._use_preconditioned = False
+        self._compare = True  # whether the bounds threshold applies to what is measured
+        self._notes: set[str] = set()
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def state_key(self) -> str:
+        # Two monitors (e.g. one per optimizer of a GAN) must not share checkpoint state.
+        return self._generate_state_key(optimizer_idx=self.optimizer_idx, log_prefix=self.log_prefix)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_supported_strategy(trainer, type(self).__name__)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.optimizer_idx >= len(trainer.optimizers):
+            raise ValueError(
+                f"optimizer_idx={self.optimizer_idx} is not supported: configure_optimizers returned "
+                f"{len(trainer.optimizers)} optimizer(s); accepted values: 0..{len(trainer.optimizers) - 1}."
+            )
+        optimizer = trainer.optimizers[self.optimizer_idx]
+        name = type(optimizer).__name__
+        try:
+            family = bool(bounds.preconditioned_for(optimizer))
+            known = True
+        except bounds.UnsupportedOptimizerError as err:
+            # Still worth measuring the sharpness; there is just no threshold to compare it with.
+            family, known = False, False
+            self._note("unsupported", f"SharpnessMonitor: no critical sharpness for {name}: {err}")
+        if self.preconditioned == "auto":
+            self._use_preconditioned = family
+        else:
+            self._use_preconditioned = bool(self.preconditioned)
+            if self._use_preconditioned and not family:
+                raise ValueError(
+                    f"preconditioned=True is not supported for {name}: it has no diagonal "
+                    "preconditioner (Adam/AdamW/RMSprop state); accepted values: 'auto', False."
+                )
+        # The threshold of a preconditioned optimizer bounds λ_max(P⁻¹H), not λ_max(H): comparing
+        # the two would be a wrong ratio, so with preconditioned=False there is no critical value.
+        self._compare = known and family == self._use_preconditioned
+        if known and not self._compare:
+            self._note(
+                "mismatch",
+                f"SharpnessMonitor(preconditioned=False) on {name}: its stability threshold applies to the "
+                "preconditioned Hessian, so critical sharpness, ratio and max stable LR are logged as NaN. "
+                "Use preconditioned='auto' to compare with the threshold.",
+            )
+        merge_custom_scalars(trainer, self._layout())
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.probe == "fixed":
+            self._build_fixed_probe(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._stepped = False
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Called just before the update (inside opt.step() under manual optimization): the group
+        # values now are the ones this step applies; a step scheduler moves them before batch end.
+        if optimizer_index(trainer, optimizer) == self.optimizer_idx:
+            self._applied = group_hparams(getattr(optimizer, "optimizer", optimizer))
+            self._stepped = True
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._stepped:  # accumulation micro-batch, or the monitored optimizer did not step
+            return
+        self._stepped = False
+        self._opt_steps += 1
+        if (self._opt_steps - 1) % self.every_n_steps != 0:
+            return
+        record = self._measure(trainer, pl_module, batch)
+        self.history.append(record)
+        log_metrics(trainer, self._metrics(record), step=record.log_step)
+        if not self._warned and record.ratio > self.warn_ratio:
+            self._warned = True
+            self._warn_edge(record)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and primitives only (checkpoints load with ``weights_only=True``)."""
+        return {
+            "version": _STATE_VERSION,
+            "probe_indices": None if self._probe_indices is None else self._probe_indices.clone(),
+            "history": [r.to_dict() for r in self.history],
+            "batch_window": list(self._batch_window),
+            "opt_steps": self._opt_steps,
+            "warned": self._warned,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        indices = state_dict.get("probe_indices")
+        self._probe_indices = None if indices is None else torch.as_tensor(indices, dtype=torch.int64).clone()
+        self._probe_batches = None  # rebuilt from the indices in on_train_start
+        self.history = [SharpnessRecord.from_dict(r) for r in state_dict.get("history", [])]
+        self._batch_window = deque(
+            (float(v) for v in state_dict.get("batch_window", [])), maxlen=self.batch_sharpness_window
+        )
+        self._opt_steps = int(state_dict.get("opt_steps", 0))
+        self._warned = bool(state_dict.get("warned", False))
+
+    # ------------------------------------------------------------------ public views
+    @property
+    def probe_indices(self) -> torch.Tensor | None:
+        """The fixed probe's global dataset indices (sorted int64, shape ``(probe_size,)``), or None."""
+        return self._probe_indices
+
+    @property
+    def last(self) -> SharpnessRecord | None:
+        """The latest measurement, or None before the first one."""
+        return self.history[-1] if self.history else None
+
+    def summary(self, edge: float = 0.9) -> dict[str, Any]:
+        """Digest of :attr:`history`.
+
+        Returns:
+            ``first_edge_step``: the first step whose ratio reached ``edge`` (None if never);
+            ``edge_fraction``: fraction of finite measurements with ratio ≥ ``edge``;
+            ``max_ratio`` / ``last_ratio``: largest and latest finite ratio (nan if none);
+            ``max_sharpness``; ``measurements``: number of records; ``hvps``: total HVPs spent.
+        """
+        ratios = [(r.step, r.ratio) for r in self.history if math.isfinite(r.ratio)]
+        first = next((s for s, q in ratios if q >= edge), None)
+        sharp = [r.sharpness for r in self.history if math.isfinite(r.sharpness)]
+        return {
+            "first_edge_step": first,
+            "edge_fraction": (sum(q >= edge for _, q in ratios) / len(ratios)) if ratios else 0.0,
+            "max_ratio": max((q for _, q in ratios), default=float("nan")),
+            "last_ratio": ratios[-1][1] if ratios else float("nan"),
+            "max_sharpness": max(sharp, default=float("nan")),
+            "measurements": len(self.history),
+            "hvps": sum(r.hvps for r in self.history),
+        }
+
+    # ------------------------------------------------------------------ probe
+    def _build_fixed_probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, (list, tuple, dict)):
+            raise ValueError(
+                "SharpnessMonitor(probe='fixed') needs a single train DataLoader; with several, "
+                "use probe='current' (or pass loss_fn and a single loader)."
+            )
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "SharpnessMonitor(probe='fixed') draws samples by index, so it needs a map-style train "
+                f"dataset; got {type(dataset).__name__}. Use probe='current' to measure on the training "
+                "batches instead."
+            )
+        n = len(dataset)
+        if self._probe_indices is None:
+            size = n if self.probe_size is None else min(self.probe_size, n)
+            generator = torch.Generator().manual_seed(self.seed)  # never the global stream
+            self._probe_indices = torch.randperm(n, generator=generator)[:size].sort().values
+        indices = self._probe_indices
+        if len(indices) and int(indices.max()) >= n:
+            raise ValueError(
+                f"the stored probe indices go up to {int(indices.max())} but the train dataset has {n} "
+                "samples: resume with the same dataset, or start a new SharpnessMonitor."
+            )
+        world, rank = trainer.world_size, trainer.global_rank
+        if len(indices) < world:
+            raise ValueError(f"probe_size={len(indices)} is smaller than the {world} DDP ranks sharing it.")
+        local = indices[rank::world].tolist()  # every rank a disjoint shard of the same global set
+        chunk = self.probe_batch_size or getattr(loader, "batch_size", None) or len(local)
+        collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+        batches, weights = [], []
+        # Reading samples may run user transforms that draw random numbers: keep them off the real
+        # stream. Batch transfer hooks are the user's too (normalisation on device, ...).
+        with isolated_rng(rng_devices(pl_module.parameters())):
+            for start in range(0, len(local), chunk):
+                part = local[start : start + chunk]
+                batch = collate([dataset[i] for i in part])
+                batch = pl_module._on_before_batch_transfer(batch, 0)
+                batches.append(trainer.strategy.batch_to_device(batch))
+                weights.append(float(len(part)))  # sample counts; the engine normalizes globally
+        self._probe_batches, self._probe_weights = batches, weights
+
+    # ------------------------------------------------------------------ measurement
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> SharpnessRecord:
+        optimizer = trainer.optimizers[self.optimizer_idx]
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        reduce = allreduce_sum(trainer)
+        if self.probe == "fixed":
+            if self._probe_batches is None:
+                self._build_fixed_probe(trainer, pl_module)
+            probe: list[Any] = list(self._probe_batches or [])
+            weights: list[float] | None = self._probe_weights
+        else:
+            # The current batch of every rank: with the all-reduce this is the global batch.
+            probe, weights = [batch], None
+        applied = self._applied or group_hparams(optimizer)
+        device = params[0].device if params else torch.device("cpu")
+        solver_kw: dict[str, Any] = dict(
+            params=params, mode=self.mode, reduce=reduce, seed=self.seed, tol=self.tol, max_iter=self.max_iter
+        )
+        if weights is not None:
+            solver_kw["weights"] = weights
+        # An explicit sequence of batches for the engine (a bare list of tensors would read as one).
+        batches = curvature.Batches(probe)
+
+        values: dict[str, Any] = {}
+        with isolated_rng(rng_devices(params)), _float32_probe(device):
+
+            def fresh() -> tuple[torch.nn.Module, LossFn]:
+                # A new replica per evaluation: the state the module carries between steps is the
+                # real one's current state, and one solver's forward passes cannot leak into the next.
+                replica = StepReplica(
+                    pl_module, trainer, share_parameters=True, optimizer_idx=self.optimizer_idx
+                )
+                return replica.module, self._loss(replica)
+
+            if not self._finite_loss(*fresh(), batches, reduce):
+                return self._nan_record(trainer, "probe loss")
+            if self._use_preconditioned:
+                res = curvature.preconditioned_sharpness(*fresh(), batches, optimizer, k=self.k, **solver_kw)
+            else:
+                which = "both" if self.which == "both" else "largest"
+                res = curvature.hessian_eigenvalues(*fresh(), batches, k=self.k, which=which, **solver_kw)
+            hvps = int(res.num_hvps)
+            eig = [float(v) for v in res.eigenvalues]
+            converged = bool(torch.as_tensor(res.converged).all())
+            lam_min = float("nan")
+            if self.which == "both":
+                if self._use_preconditioned:
+                    low = curvature.hessian_eigenvalues(*fresh(), batches, k=1, which="smallest", **solver_kw)
+                    hvps += int(low.num_hvps)
+                    converged = converged and bool(torch.as_tensor(low.converged).all())
+                    lam_min = float(low.eigenvalues[-1])
+                else:  # "both" returned the k largest then the k smallest, descending
+                    lam_min = eig[-1]
+                    eig = eig[: self.k]
+            top = eig[0] if eig else float("nan")
+            layers: dict[str, float] = {}
+            if self.per_layer:
+                model, loss_fn = fresh()
+                kw = {k: v for k, v in solver_kw.items() if k != "params"}
+                names = _layers_of(model, params)
+                blocks = curvature.layerwise_eigenvalues(model, loss_fn, batches, k=1, layers=names, **kw)
+                for name, block in blocks.items():
+                    layers[name] = float(block.eigenvalues[0])
+                    hvps += int(block.num_hvps)
+            batch_value = float("nan")
+            if self.batch_sharpness:
+                if self.probe == "current" or self._finite_loss(*fresh(), [batch], reduce):
+                    batch_value = float(
+                        curvature.batch_sharpness(
+                            *fresh(), batch, params=params, mode=self.mode, reduce=reduce, seed=self.seed
+                        )
+                    )
+                    hvps += 1
+
+        values.update(
+            sharpness=top, eigenvalues=tuple(eig), hvps=hvps, converged=converged, lambda_min=lam_min
+        )
+        if not math.isfinite(top):
+            return self._nan_record(trainer, "sharpness", hvps=hvps)
+
+        # Thresholds from the hyper-parameters this step applied; the binding group is the one
+        # whose critical sharpness is smallest (the first to go unstable as sharpness rises).
+        critical, ratio, max_lr, lr, binding = float("nan"), float("nan"), float("nan"), float("nan"), 0
+        wd_low, wd_high = float("nan"), float("nan")
+        if not self._compare:
+            lr = float(applied[0].get("lr", float("nan"))) if applied else float("nan")
+        else:
+            per_group = _applied_bounds(optimizer, applied)
+            binding = min(range(len(per_group)), key=lambda i: per_group[i])
+            critical = per_group[binding]
+            lr = float(applied[binding].get("lr", float("nan")))
+            ratio = top / critical if critical > 0 else float("inf")
+            max_lr = float(bounds.max_stable_lr(top, optimizer, group=applied[binding]))
+            if self.which == "both" and not self._use_preconditioned:
+                g = applied[binding]
+                window = bounds.weight_decay_window(
+                    lam_min,
+                    top,
+                    lr,
+                    momentum=float(g.get("momentum", 0.0) or 0.0),
+                    nesterov=bool(g.get("nesterov", False)),
+                    dampening=float(g.get("dampening", 0.0) or 0.0),
+                )
+                wd_low, wd_high = float(window.low), float(window.high)
+
+        if math.isfinite(batch_value):
+            self._batch_window.append(batch_value)
+        batch_avg = sum(self._batch_window) / len(self._batch_window) if self._batch_window else float("nan")
+        return SharpnessRecord(
+            step=int(trainer.global_step),
+            log_step=logging_step(trainer),
+            epoch=int(trainer.current_epoch),
+            critical=critical,
+            ratio=ratio,
+            lr=lr,
+            max_stable_lr=max_lr,
+            binding_group=binding,
+            wd_window_low=wd_low,
+            wd_window_high=wd_high,
+            batch_sharpness=batch_value,
+            batch_sharpness_avg=batch_avg,
+            batch_ratio=batch_avg / critical if critical > 0 else float("nan"),
+            preconditioned=self._use_preconditioned,
+            layers=layers,
+            **values,
+        )
+
+    def _loss(self, replica: StepReplica) -> LossFn:
+        if self.loss_fn is None:
+            return replica.loss_fn
+        user_fn = self.loss_fn
+        # The user's function gets the replica (it shares the real parameters, not the buffers).
+        return lambda model, batch: user_fn(replica.module, batch)
+
+    def _finite_loss(self, model: torch.nn.Module, loss_fn: LossFn, probe: list[Any], reduce: Any) -> bool:
+        """Whether the probe loss is finite on every rank (one forward pass per probe chunk).
+
+        The decision is all-reduced so that every rank skips (or runs) the collective solver alike.
+        """
+        was_training = model.training
+        model.train(self.mode == "train")
+        try:
+            with torch.no_grad():
+                bad = sum(0 if bool(torch.isfinite(loss_fn(model, b).detach()).all()) else 1 for b in probe)
+        finally:
+            model.train(was_training)
+        flag = torch.tensor([float(bad)], dtype=torch.float64, device=next(model.parameters()).device)
+        if reduce is not None:
+            flag = reduce(flag)
+        return float(flag.sum()) == 0.0
+
+    def _nan_record(self, trainer: Trainer, what: str, hvps: int = 0) -> SharpnessRecord:
+        self._note(
+            "nan",
+            f"SharpnessMonitor: the {what} at step {trainer.global_step} is not finite (NaN/inf); "
+            "recording NaN and continuing (warned once). The training loss has probably diverged: "
+            "check the learning rate against eos/max_stable_lr in the previous measurements.",
+        )
+        nan = float("nan")
+        batch_avg = sum(self._batch_window) / len(self._batch_window) if self._batch_window else nan
+        return SharpnessRecord(
+            step=int(trainer.global_step),
+            log_step=logging_step(trainer),
+            epoch=int(trainer.current_epoch),
+            eigenvalues=(nan,) * self.k,
+            hvps=hvps,
+            converged=False,
+            batch_sharpness_avg=batch_avg,
+            preconditioned=self._use_preconditioned,
+        )
+
+    # ------------------------------------------------------------------ logging
+    def _metrics(self, record: SharpnessRecord) -> dict[str, float]:
+        p = self.log_prefix
+        out = {
+            f"{p}/sharpness": record.sharpness,
+            f"{p}/critical_sharpness": record.critical,
+            f"{p}/stability_ratio": record.ratio,
+            f"{p}/max_stable_lr": record.max_stable_lr,
+            f"{p}/hvps": float(record.hvps),
+            f"{p}/converged": float(record.converged),
+        }
+        for i, value in enumerate(record.eigenvalues[1:], start=2):
+            out[f"{p}/eigenvalue_{i}"] = value
+        if self.which == "both":
+            out[f"{p}/lambda_min"] = record.lambda_min
+            if not record.preconditioned:
+                out[f"{p}/weight_decay_window_low"] = record.wd_window_low
+                out[f"{p}/weight_decay_window_high"] = record.wd_window_high
+        for name, value in record.layers.items():
+            out[f"{p}/sharpness/{name}"] = value
+        if self.batch_sharpness:
+            out[f"{p}/batch_sharpness"] = record.batch_sharpness_avg
+            out[f"{p}/batch_stability_ratio"] = record.batch_ratio
+        return out
+
+    def _layout(self) -> dict[str, dict[str, list[Any]]]:
+        p = re.escape(self.log_prefix)
+        charts: dict[str, list[Any]] = {
+            "sharpness vs critical sharpness": [
+                "Multiline",
+                [rf"^{p}/sharpness$", rf"^{p}/critical_sharpness$"],
+            ],
+            "stability ratio (1 = edge)": [
+                "Multiline",
+                [rf"^{p}/stability_ratio$", rf"^{p}/batch_stability_ratio$"],
+            ],
+            "max stable lr": ["Multiline", [rf"^{p}/max_stable_lr$"]],
+        }
+        if self.batch_sharpness:
+            charts["batch sharpness vs critical"] = [
+                "Multiline",
+                [rf"^{p}/batch_sharpness$", rf"^{p}/critical_sharpness$"],
+            ]
+        if self.per_layer:
+            charts["per-layer sharpness"] = ["Multiline", [rf"^{p}/sharpness/.*"]]
+        if self.which == "both":
+            charts["weight-decay window"] = [
+                "Multiline",
+                [rf"^{p}/weight_decay_window_low$", rf"^{p}/weight_decay_window_high$", rf"^{p}/lambda_min$"],
+            ]
+        return {f"{self.log_prefix}: edge of stability": charts}
+
+    def _warn_edge(self, record: SharpnessRecord) -> None:
+        rank_zero_warn(
+            f"SharpnessMonitor: at step {record.step} the sharpness {record.sharpness:.4g} is "
+            f"{record.ratio:.3g}x the critical sharpness {record.critical:.4g} of the applied learning "
+            f"rate {record.lr:.4g}: training has reached the edge of stability. This is normal for large "
+            "learning rates (the loss keeps falling, non-monotonically, while sharpness hovers at the "
+            f"threshold). If the loss diverges instead, lower the LR below eos max_stable_lr "
+            f"({record.max_stable_lr:.4g}) or add warm-up. (Warned once.)",
+            category=UserWarning,
+        )
+
+    def _note(self, key: str, message: str) -> None:
+        """One rank-zero RuntimeWarning per ``key`` and monitor (a diverged run must not spam)."""
+        if key not in self._notes:
+            self._notes.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)

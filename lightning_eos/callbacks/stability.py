@@ -1,0 +1,183 @@
+"""StabilityMonitor: the learning rate each param group applied and the curvature it can tolerate.
+
+Every real optimizer step, at no extra forward/backward cost, for every optimizer and param group:
+the LR the step applied (read in ``on_before_optimizer_step``, before a step scheduler moves it), the
+critical sharpness those hyper-parameters imply (``lightning_eos.bounds``) and, when a
+:class:`~lightning_eos.callbacks.SharpnessMonitor` of that optimizer has measured, the margin
+``lr / max_stable_lr`` (1 = at the edge of stability). With ``per_layer=True`` and a per-layer
+SharpnessMonitor it also logs each layer's local CFL number: the layer's block sharpness over the
+critical sharpness of the group that holds its parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_eos import bounds
+from lightning_eos.callbacks._lightning import (
+    check_supported_strategy,
+    group_hparams,
+    log_metrics,
+    logging_step,
+    merge_custom_scalars,
+    optimizer_index,
+)
+from lightning_eos.callbacks.sharpness import SharpnessMonitor, _check_prefix, _positive_int
+
+__all__ = ["StabilityMonitor"]
+
+
+class StabilityMonitor(Callback):
+    """Log applied LR, critical sharpness and LR margin per optimizer and param group, every step.
+
+    Args:
+        every_n_steps: log every this many stepping batches (1 = every real optimizer step).
+        per_layer: also log each layer's local CFL number ``λ_layer / critical(group of the layer)``
+            from the last measurement of a ``SharpnessMonitor(per_layer=True)``.
+        log_prefix: prefix of every logged key.
+
+    Keys (``<tag>`` is ``pg<j>`` or the group's ``"name"``, prefixed by ``opt<i>/`` when there are
+    several optimizers): ``<prefix>/lr/<tag>``, ``<prefix>/critical_sharpness/<tag>``,
+    ``<prefix>/lr_margin/<tag>`` (needs a SharpnessMonitor), ``<prefix>/cfl/<layer>`` (per_layer).
+    The margin uses the SharpnessMonitor's *latest* measurement; list the StabilityMonitor after the
+    SharpnessMonitor in ``callbacks`` so that a step's margin uses that same step's measurement.
+    """
+
+    def __init__(self, every_n_steps: int = 1, per_layer: bool = False, log_prefix: str = "eos") -> None:
+        super().__init__()
+        _positive_int("every_n_steps", every_n_steps)
+        if not isinstance(per_layer, bool):
+            raise ValueError(f"per_layer={per_layer!r} is not supported; accepted values: True, False.")
+        _check_prefix(log_prefix)
+        self.every_n_steps = every_n_steps
+        self.per_layer = per_layer
+        self.log_prefix = log_prefix
+        self.last_metrics: dict[str, float] = {}  # what the latest logged step logged
+        self._applied: dict[int, list[dict[str, Any]]] = {}  # optimizer index -> groups, this batch
+        self._warned: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(log_prefix=self.log_prefix)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_supported_strategy(trainer, type(self).__name__)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        p = re.escape(self.log_prefix)
+        charts: dict[str, list[Any]] = {
+            "applied lr": ["Multiline", [rf"^{p}/lr/.*"]],
+            "lr margin = lr / max stable lr (1 = edge)": ["Multiline", [rf"^{p}/lr_margin/.*"]],
+        }
+        if self.per_layer:
+            charts["local CFL number per layer (1 = edge)"] = ["Multiline", [rf"^{p}/cfl/.*"]]
+        merge_custom_scalars(trainer, {f"{self.log_prefix}: stability": charts})
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._applied = {}
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # The values this update applies; a step-interval scheduler changes them before batch end.
+        idx = optimizer_index(trainer, optimizer)
+        self._applied[idx] = group_hparams(getattr(optimizer, "optimizer", optimizer))
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._applied:  # accumulation micro-batch: nothing was applied
+            return
+        applied, self._applied = self._applied, {}
+        if logging_step(trainer) % self.every_n_steps != 0:
+            return
+        metrics = self._metrics(trainer, pl_module, applied)
+        self.last_metrics = metrics
+        log_metrics(trainer, metrics)
+
+    def _metrics(
+        self, trainer: Trainer, pl_module: LightningModule, applied: dict[int, list[dict[str, Any]]]
+    ) -> dict[str, float]:
+        p = self.log_prefix
+        several = len(trainer.optimizers) > 1
+        monitors = {
+            cb.optimizer_idx: cb
+            for cb in trainer.callbacks
+            if isinstance(cb, SharpnessMonitor)  # type: ignore[attr-defined]
+        }
+        out: dict[str, float] = {}
+        critical_of_param: dict[int, float] = {}
+        for idx, groups in sorted(applied.items()):
+            optimizer = trainer.optimizers[idx]
+            monitor = monitors.get(idx)
+            last = monitor.last if monitor is not None else None
+            for j, group in enumerate(groups):
+                name = group.get("name")
+                tag = name if isinstance(name, str) and name else f"pg{j}"
+                tag = f"opt{idx}/{tag}" if several else tag
+                lr = float(group.get("lr", math.nan))
+                out[f"{p}/lr/{tag}"] = lr
+                try:
+                    critical = float(bounds.critical_sharpness(optimizer, group=group))
+                except bounds.UnsupportedOptimizerError as err:
+                    self._warn_once(
+                        type(optimizer).__name__, f"StabilityMonitor: no critical sharpness: {err}"
+                    )
+                    continue
+                out[f"{p}/critical_sharpness/{tag}"] = critical
+                for param in optimizer.param_groups[j]["params"]:
+                    critical_of_param[id(param)] = critical
+                if last is not None and math.isfinite(last.sharpness):
+                    max_lr = float(bounds.max_stable_lr(last.sharpness, optimizer, group=group))
+                    out[f"{p}/lr_margin/{tag}"] = lr / max_lr if max_lr > 0 else math.inf
+        if self.per_layer:
+            out.update(self._cfl(pl_module, monitors, critical_of_param))
+        return out
+
+    def _cfl(
+        self,
+        pl_module: LightningModule,
+        monitors: dict[int, SharpnessMonitor],
+        critical_of_param: dict[int, float],
+    ) -> dict[str, float]:
+        """Local CFL number of every layer a per-layer SharpnessMonitor measured."""
+        out: dict[str, float] = {}
+        modules = dict(pl_module.named_modules())
+        for monitor in monitors.values():
+            last = monitor.last
+            if last is None or not last.layers:
+                continue
+            for layer, sharpness in last.layers.items():
+                module = modules.get(layer)
+                if module is None:
+                    continue
+                crit = [
+                    critical_of_param[id(q)]
+                    for q in module.parameters(recurse=False)
+                    if id(q) in critical_of_param
+                ]
+                if crit:
+                    # A layer split over groups is bound by its most restrictive group.
+                    out[f"{self.log_prefix}/cfl/{layer}"] = (
+                        sharpness / min(crit) if min(crit) > 0 else math.inf
+                    )
+        if not out and not any(m.per_layer for m in monitors.values()):
+            self._warn_once(
+                "per_layer",
+                "StabilityMonitor(per_layer=True) needs a SharpnessMonitor(per_layer=True) among the "
+                "callbacks.",
+            )
+        return out
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
