@@ -24,8 +24,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m pip install --quiet --no-deps pyhessian hessian-eigenthings curvlinops-for-pytorch
+	# --no-deps: the peers' own requirements would replace the CPU torch with a CUDA build.
+	$(PY) -m pip install --quiet --no-deps pyhessian hessian-eigenthings curvlinops-for-pytorch \
+		einops einconv opt-einsum linear_operator backpack-for-pytorch
 	$(PY) benchmarks/bench_curvature.py
+	$(PY) benchmarks/bench_twin.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

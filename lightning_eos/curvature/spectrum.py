@@ -1,0 +1,433 @@
+"""Curvature quantities of a model's loss: Hessian eigenvalues (whole, per block, per layer),
+preconditioned sharpness for adaptive optimizers, Hutchinson trace and batch sharpness.
+
+Every function builds one :class:`~lightning_eos.curvature.operator.HessianOperator` (so the same
+batching, weighting, train/eval and side-effect rules apply) and hands it to the one solver in
+:mod:`lightning_eos.curvature.lanczos`.
+
+Torch only: no Lightning import.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .lanczos import DEFAULT_TOL, EigenResult, eigsh
+from .operator import Batches, HessianOperator, LossFn, PreconditionedOperator, ReduceFn
+
+__all__ = [
+    "EigenResult",
+    "TraceEstimate",
+    "batch_sharpness",
+    "block_eigenvalues",
+    "hessian_eigenvalues",
+    "hutchinson_trace",
+    "layer_blocks",
+    "layerwise_eigenvalues",
+    "optimizer_preconditioner",
+    "preconditioned_sharpness",
+]
+
+_WHICH = ("largest", "smallest", "both")
+_METHODS = ("lanczos", "power")
+_MODES = ("train", "eval")
+
+
+def _check_choices(which: str, method: str, mode: str) -> None:
+    # Validate cheap arguments before the (costly) operator construction.
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+
+
+def _check_k(k: int, dim: int, which: str) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if k >= dim:
+        raise ValueError(f"k must be < dim = {dim} (number of chosen parameters), got k={k}")
+    if which == "both" and 2 * k > dim:
+        raise ValueError(f"which='both' needs 2k <= dim = {dim}, got k={k}")
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    k: int = 1,
+    which: str = "largest",
+    params: Iterable[nn.Parameter | str] | None = None,
+    method: str = "lanczos",
+    tol: float = DEFAULT_TOL,
+    max_iter: int | None = None,
+    mode: str = "train",
+    seed: int = 0,
+    return_eigenvectors: bool = False,
+    reduce: ReduceFn | None = None,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "autograd",
+    max_cached_batches: int | None = None,
+    block_size: int = 1,
+) -> EigenResult:
+    """Extreme eigenvalues of the Hessian of the sample-weighted mean loss over ``batches``.
+
+    ``which="largest"``: the ``k`` algebraically largest; ``"smallest"``: the ``k`` smallest;
+    ``"both"``: the ``k`` largest then the ``k`` smallest. ``.eigenvalues`` is float64 and always
+    descending. Operator arguments (``params``, ``mode``, ``weights``, ``reduce``, ``dtype``,
+    ``backend``, ``max_cached_batches``) are those of
+    :class:`~lightning_eos.curvature.operator.HessianOperator`; solver arguments (``tol``,
+    ``max_iter``, ``seed`` for the start vector and the dropout masks) those of
+    :func:`~lightning_eos.curvature.lanczos.lanczos` (``block_size`` > 1 for exactly repeated
+    eigenvalues).
+    """
+    _check_choices(which, method, mode)
+    op = HessianOperator(
+        model,
+        loss_fn,
+        batches,
+        params=params,
+        mode=mode,
+        weights=weights,
+        reduce=reduce,
+        dtype=dtype,
+        backend=backend,
+        max_cached_batches=max_cached_batches,
+        seed=seed,
+    )
+    _check_k(k, op.dim, which)
+    return eigsh(
+        op,
+        k=k,
+        which=which,
+        method=method,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+        return_eigenvectors=return_eigenvectors,
+        block_size=block_size,
+    )
+
+
+def _block_params(model: nn.Module, block: Any) -> list[nn.Parameter]:
+    """A module (object or dotted path), a parameter (object or name), or a list of those."""
+    items = block if isinstance(block, (list, tuple)) else [block]
+    out: list[nn.Parameter] = []
+    names = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    for item in items:
+        if isinstance(item, str):
+            if item in names:
+                found = [names[item]]
+            elif item in modules:
+                found = [p for p in modules[item].parameters() if p.requires_grad]
+            else:
+                raise ValueError(f"block: {item!r} is neither a parameter nor a module name of the model")
+        elif isinstance(item, nn.Module):
+            if all(item is not m for m in modules.values()):
+                raise ValueError(f"block: the {type(item).__name__} module is not part of the model")
+            found = [p for p in item.parameters() if p.requires_grad]
+        elif isinstance(item, torch.Tensor):
+            found = [item]  # type: ignore[list-item]
+        else:
+            raise TypeError(f"block items must be modules, parameters or names, got {type(item).__name__}")
+        if not found:
+            raise ValueError(f"block: {item!r} has no trainable parameter")
+        for p in found:
+            if all(p is not q for q in out):
+                out.append(p)
+    return out
+
+
+def block_eigenvalues(
+    model: nn.Module, loss_fn: LossFn, batches: Any, block: Any, **kwargs: Any
+) -> EigenResult:
+    """Eigenvalues of one diagonal block ``H[block, block]`` of the Hessian.
+
+    ``block``: a module (object or dotted path such as ``"net.0"``: all its trainable parameters,
+    recursively), a parameter (object or name such as ``"net.0.weight"``), or a list of those.
+    Other keyword arguments as for :func:`hessian_eigenvalues`.
+    """
+    return hessian_eigenvalues(model, loss_fn, batches, params=_block_params(model, block), **kwargs)
+
+
+def layer_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """The model's layers: ``{module path: [names of its own trainable parameters]}``.
+
+    A "layer" is a module that *directly* owns trainable parameters (``recurse=False``), named by its
+    path from ``named_modules()`` (``""`` for the root module itself), in registration order.
+    """
+    out: dict[str, list[str]] = {}
+    for mname, module in model.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if own:
+            out[mname] = [f"{mname}.{n}" if mname else n for n in own]
+    return out
+
+
+def layerwise_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    k: int = 1,
+    which: str = "largest",
+    method: str = "lanczos",
+    tol: float = DEFAULT_TOL,
+    max_iter: int | None = None,
+    mode: str = "train",
+    seed: int = 0,
+    return_eigenvectors: bool = False,
+    reduce: ReduceFn | None = None,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    max_cached_batches: int | None = None,
+    layers: Sequence[str] | None = None,
+    block_size: int = 1,
+) -> dict[str, EigenResult]:
+    """Per-layer diagonal-block spectra ``{layer path: EigenResult}`` (see :func:`layer_blocks`).
+
+    One forward/gradient graph over all layer parameters is built and shared by every block (each
+    block's products only backpropagate into its own parameters). Layers too small for ``k``
+    (``k >= dim``, or ``2k > dim`` for ``"both"``) are skipped. ``layers`` restricts the sweep.
+    """
+    _check_choices(which, method, mode)
+    blocks = layer_blocks(model)
+    if layers is not None:
+        unknown = [name for name in layers if name not in blocks]
+        if unknown:
+            raise ValueError(f"layers: {unknown} are not layers of the model; known: {list(blocks)}")
+        blocks = {name: blocks[name] for name in layers}
+    if not blocks:
+        raise ValueError("the model has no module that directly owns trainable parameters")
+    all_names = [n for names in blocks.values() for n in names]
+    op = HessianOperator(
+        model,
+        loss_fn,
+        batches,
+        params=all_names,
+        mode=mode,
+        weights=weights,
+        reduce=reduce,
+        dtype=dtype,
+        max_cached_batches=max_cached_batches,
+        seed=seed,
+    )
+    out: dict[str, EigenResult] = {}
+    for name, pnames in blocks.items():
+        block = op.restrict(pnames)
+        if k >= block.dim or (which == "both" and 2 * k > block.dim):
+            continue
+        out[name] = eigsh(
+            block,
+            k=k,
+            which=which,
+            method=method,
+            tol=tol,
+            max_iter=max_iter,
+            seed=seed,
+            return_eigenvectors=return_eigenvectors,
+            block_size=block_size,
+        )
+    return out
+
+
+def optimizer_preconditioner(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[nn.Parameter],
+    missing_state: str = "error",
+) -> torch.Tensor:
+    """The diagonal preconditioner ``P`` (flat float64, ``params`` order) an adaptive optimizer applies.
+
+    * Adam/AdamW (state ``exp_avg_sq``, ``step``): ``P = sqrt(v / (1 − β2^t)) + eps`` (with
+      ``amsgrad``: ``max_exp_avg_sq`` instead of ``v``), as in Cohen et al. 2022.
+    * RMSprop (``square_avg``): ``P = sqrt(v) + eps``; centered: ``sqrt(v − grad_avg²) + eps``.
+    * Adagrad (``sum``): ``P = sqrt(sum) + eps``.
+
+    A parameter without state yet (no optimizer step taken): ``missing_state="error"`` raises a
+    ``ValueError``, ``"identity"`` uses ``P = 1`` for it.
+    """
+    if missing_state not in ("error", "identity"):
+        raise ValueError(f"missing_state must be 'error' or 'identity', got {missing_state!r}")
+    group_of: dict[int, dict[str, Any]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            group_of[id(p)] = group
+    parts: list[torch.Tensor] = []
+    for p in params:
+        if id(p) not in group_of:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is not managed by the optimizer")
+        group = group_of[id(p)]
+        state = optimizer.state.get(p, {})
+        eps = float(group.get("eps", 0.0))
+        if "exp_avg_sq" in state and float(state.get("step", 0)) <= 0:
+            state = {}  # state allocated but no step taken: nothing to precondition with yet
+        if "exp_avg_sq" in state:
+            v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+            step = float(state["step"])
+            beta2 = float(group["betas"][1])
+            P = (v.double() / (1.0 - beta2**step)).sqrt() + eps
+        elif "square_avg" in state:
+            v = state["square_avg"].double()
+            if group.get("centered", False) and "grad_avg" in state:
+                v = v - state["grad_avg"].double().pow(2)
+            P = v.clamp_min(0).sqrt() + eps
+        elif "sum" in state:
+            P = state["sum"].double().sqrt() + eps
+        elif not state:
+            if missing_state == "error":
+                raise ValueError(
+                    f"the optimizer has no state for a parameter of shape {tuple(p.shape)} (no step taken"
+                    " yet?): take a step first or pass missing_state='identity'"
+                )
+            P = torch.ones(p.shape, dtype=torch.float64, device=p.device)
+        else:
+            raise ValueError(
+                f"unsupported optimizer state keys {sorted(state)}: expected Adam/AdamW (exp_avg_sq),"
+                " RMSprop (square_avg) or Adagrad (sum)"
+            )
+        parts.append(P.reshape(-1).to(p.device))
+    return torch.cat(parts)
+
+
+def preconditioned_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    optimizer: torch.optim.Optimizer,
+    k: int = 1,
+    params: Iterable[nn.Parameter | str] | None = None,
+    which: str = "largest",
+    method: str = "lanczos",
+    tol: float = DEFAULT_TOL,
+    max_iter: int | None = None,
+    mode: str = "train",
+    seed: int = 0,
+    return_eigenvectors: bool = False,
+    reduce: ReduceFn | None = None,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    missing_state: str = "error",
+    block_size: int = 1,
+) -> EigenResult:
+    """Eigenvalues of ``P^{-1/2} H P^{-1/2}`` with ``P`` read from ``optimizer`` (see
+    :func:`optimizer_preconditioner`): the preconditioned sharpness of Cohen et al. 2022, to compare
+    with ``2/lr`` (Adam: ``(2 + 2β1)/((1 − β1)·lr)``). Eigenvectors, if requested, are those of the
+    symmetric form (map back with ``P^{-1/2}``).
+    """
+    _check_choices(which, method, mode)
+    op = HessianOperator(
+        model,
+        loss_fn,
+        batches,
+        params=params,
+        mode=mode,
+        weights=weights,
+        reduce=reduce,
+        dtype=dtype,
+        seed=seed,
+    )
+    _check_k(k, op.dim, which)
+    P = optimizer_preconditioner(optimizer, op.params, missing_state=missing_state)
+    pre = PreconditionedOperator(op, P)
+    return eigsh(
+        pre,
+        k=k,
+        which=which,
+        method=method,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+        return_eigenvectors=return_eigenvectors,
+        block_size=block_size,
+    )
+
+
+@dataclass
+class TraceEstimate:
+    """Hutchinson estimate of ``tr(H)``: ``trace`` (loss units per parameter²) ± ``std_error``."""
+
+    trace: float
+    std_error: float
+    num_samples: int
+    num_hvps: int
+
+    def __float__(self) -> float:
+        return self.trace
+
+
+def hutchinson_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    num_samples: int = 64,
+    seed: int = 0,
+    params: Iterable[nn.Parameter | str] | None = None,
+    mode: str = "train",
+    reduce: ReduceFn | None = None,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> TraceEstimate:
+    """Hutchinson's estimate ``tr(H) ≈ mean_s zₛᵀ H zₛ`` with Rademacher probes ``zₛ ∈ {±1}^dim``.
+
+    Probes come from a private generator seeded with ``seed`` (identical on every rank, so with
+    ``reduce`` all ranks agree). One product per sample; the standard error is the sample standard
+    deviation over ``sqrt(num_samples)`` (``nan`` for one sample).
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    op = HessianOperator(
+        model,
+        loss_fn,
+        batches,
+        params=params,
+        mode=mode,
+        weights=weights,
+        reduce=reduce,
+        dtype=dtype,
+        seed=seed,
+    )
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    vals = []
+    for _ in range(num_samples):
+        z = (torch.randint(0, 2, (op.dim,), generator=gen, dtype=torch.int8) * 2 - 1).to(op.dtype)
+        z = z.to(op.device)
+        hz = op.matvec(z)
+        assert isinstance(hz, torch.Tensor)
+        vals.append(float(torch.dot(z.double(), hz.double())))
+    t = torch.tensor(vals, dtype=torch.float64)
+    se = float(t.std() / math.sqrt(num_samples)) if num_samples > 1 else float("nan")
+    return TraceEstimate(trace=float(t.mean()), std_error=se, num_samples=num_samples, num_hvps=op.num_hvps)
+
+
+def batch_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: Iterable[nn.Parameter | str] | None = None,
+    mode: str = "train",
+    reduce: ReduceFn | None = None,
+    seed: int = 0,
+) -> float:
+    """``gᵀ H g / gᵀ g`` for the minibatch loss at its own gradient ``g`` (one product, reusing the
+    gradient graph). The curvature along the step direction of plain gradient descent; ``nan`` when
+    ``g = 0``. With ``reduce``, ``g`` and ``H`` are those of the global (all-rank) batch.
+    """
+    # `batch` is one batch whatever its type (a collated list included): wrap it explicitly.
+    op = HessianOperator(model, loss_fn, Batches([batch]), params=params, mode=mode, reduce=reduce, seed=seed)
+    g = op.gradient()
+    gg = float(torch.dot(g, g))
+    if gg == 0.0:
+        return float("nan")
+    hg = op.matvec(g.to(op.dtype))
+    assert isinstance(hg, torch.Tensor)
+    return float(torch.dot(g, hg.double())) / gg

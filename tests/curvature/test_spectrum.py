@@ -1,0 +1,201 @@
+"""Spectra of real (tiny) models against dense float64 references: whole Hessian, blocks, layers,
+preconditioned sharpness, batch sharpness, Hutchinson trace, NaN and bad-input handling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_eos.curvature import (
+    EigenResult,
+    HessianOperator,
+    batch_sharpness,
+    block_eigenvalues,
+    hessian_eigenvalues,
+    hutchinson_trace,
+    layer_blocks,
+    layerwise_eigenvalues,
+    optimizer_preconditioner,
+    preconditioned_sharpness,
+)
+
+from ._helpers import bn_net, ce, data, dense_hessian, mlp
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Problem = tuple[nn.Module, Batch, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    model, batch = mlp(), data(30)
+    return model, batch, torch.linalg.eigvalsh(dense_hessian(model, ce, [batch], [30.0]))
+
+
+@pytest.mark.parametrize(
+    ("method", "which", "k"),
+    [
+        ("lanczos", "largest", 1),
+        ("lanczos", "largest", 3),
+        ("lanczos", "smallest", 2),
+        ("lanczos", "both", 2),
+        # power: k=1 only here (block power on this clustered spectrum is slow; k>1 on quadratics)
+        ("power", "largest", 1),
+        ("power", "smallest", 1),
+    ],
+)
+def test_eigenvalues_match_eigvalsh(problem: Problem, method: str, which: str, k: int) -> None:
+    model, batch, ev = problem
+    res = hessian_eigenvalues(model, ce, batch, k=k, which=which, method=method, tol=1e-7)
+    desc = ev.flip(0)
+    want = {"largest": desc[:k], "smallest": desc[-k:], "both": torch.cat([desc[:k], desc[-k:]])}[which]
+    assert isinstance(res, EigenResult) and res.eigenvalues.dtype == torch.float64
+    torch.testing.assert_close(res.eigenvalues, want, rtol=1e-9, atol=1e-11)
+    assert bool(res.converged.all()) and res.converged.dtype == torch.bool
+    assert res.residuals.shape == want.shape and res.num_hvps > 0
+
+
+def test_default_tol_accuracy_and_eigenvectors(problem: Problem) -> None:
+    model, batch, ev = problem
+    res = hessian_eigenvalues(model, ce, batch, return_eigenvectors=True)
+    assert abs(res.max - float(ev[-1])) <= 1e-6 * abs(float(ev[-1]))
+    assert res.num_hvps <= 30
+    op = HessianOperator(model, ce, batch)
+    y = res.eigenvectors[:, 0]
+    assert float((op @ y - res.eigenvalues[0] * y).norm()) <= float(res.residuals[0]) * 1.01 + 1e-13
+
+
+def test_blocks_and_layers_match_dense_sub_blocks() -> None:
+    model, batch = mlp(), data(30)
+    assert layer_blocks(model) == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+    H = dense_hessian(model, ce, [batch], [30.0])
+    idx0, idx2 = torch.arange(0, 36), torch.arange(36, 57)
+    ev0 = torch.linalg.eigvalsh(H[idx0][:, idx0]).flip(0)
+    ev2 = torch.linalg.eigvalsh(H[idx2][:, idx2]).flip(0)
+    by_name = block_eigenvalues(model, ce, batch, "0", k=2, tol=1e-8)
+    by_module = block_eigenvalues(model, ce, batch, model[0], k=2, tol=1e-8)
+    torch.testing.assert_close(by_name.eigenvalues, ev0[:2], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(by_module.eigenvalues, ev0[:2], rtol=1e-9, atol=1e-12)
+    w_only = block_eigenvalues(model, ce, batch, "2.weight", tol=1e-8)
+    H_w = H[36:54][:, 36:54]
+    assert abs(w_only.max - float(torch.linalg.eigvalsh(H_w)[-1])) < 1e-9
+    layers = layerwise_eigenvalues(model, ce, batch, k=1, which="both", tol=1e-8)
+    assert list(layers) == ["0", "2"]
+    torch.testing.assert_close(layers["0"].eigenvalues, ev0[[0, -1]], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(layers["2"].eigenvalues, ev2[[0, -1]], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="neither a parameter nor a module"):
+        block_eigenvalues(model, ce, batch, "net.7")
+    with pytest.raises(ValueError, match="not layers"):
+        layerwise_eigenvalues(model, ce, batch, layers=["9"])
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, steps: int = 3) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        ce(model, batch).backward()
+        opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw_amsgrad", "rmsprop", "rmsprop_centered"])
+def test_preconditioned_sharpness_matches_dense(kind: str) -> None:
+    model, batch = mlp(), data(30)
+    params = list(model.parameters())
+    opt = {
+        "adam": lambda: torch.optim.Adam(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6),
+        "adamw_amsgrad": lambda: torch.optim.AdamW(params, lr=1e-2, amsgrad=True),
+        "rmsprop": lambda: torch.optim.RMSprop(params, lr=1e-3),
+        "rmsprop_centered": lambda: torch.optim.RMSprop(params, lr=1e-3, centered=True),
+    }[kind]()
+    _train(model, opt, batch)
+    H = dense_hessian(model, ce, [batch], [30.0])
+    # the preconditioner spelled out from the optimizer's formulas
+    group = opt.param_groups[0]
+    parts = []
+    for p in params:
+        st = opt.state[p]
+        if kind.startswith("adam"):
+            v = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
+            parts.append((v / (1 - group["betas"][1] ** float(st["step"]))).sqrt() + group["eps"])
+        else:
+            v = st["square_avg"] - (st["grad_avg"] ** 2 if group["centered"] else 0)
+            parts.append(v.sqrt() + group["eps"])
+    P = torch.cat([t.reshape(-1) for t in parts]).double()
+    torch.testing.assert_close(optimizer_preconditioner(opt, params), P)
+    d = P.rsqrt()
+    ev = torch.linalg.eigvalsh(d[:, None] * H * d[None, :])
+    res = preconditioned_sharpness(model, ce, batch, opt, k=2, tol=1e-8)
+    torch.testing.assert_close(res.eigenvalues, ev.flip(0)[:2], rtol=1e-8, atol=1e-10)
+
+
+def test_preconditioner_missing_state() -> None:
+    model, batch = mlp(), data(10)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="no state"):
+        preconditioned_sharpness(model, ce, batch, opt)
+    res = preconditioned_sharpness(model, ce, batch, opt, missing_state="identity", tol=1e-8)
+    assert abs(res.max - hessian_eigenvalues(model, ce, batch, tol=1e-8).max) < 1e-9
+    with pytest.raises(ValueError, match="unsupported optimizer state"):
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        _train(model, sgd, batch, steps=1)
+        optimizer_preconditioner(sgd, list(model.parameters()))
+
+
+def test_batch_sharpness_matches_dense() -> None:
+    model, batch = bn_net(), data(20, d_in=4)
+    H = dense_hessian(model, ce, [batch], [20.0], train=True)
+    # reference gradient: a train-mode copy whose BatchNorm does not track statistics
+    ref = copy.deepcopy(model).train()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.track_running_stats = False
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(ce(ref, batch), list(ref.parameters()))])
+    want = float(g @ H @ g / (g @ g))
+    assert abs(batch_sharpness(model, ce, batch) - want) < 1e-9 * abs(want)
+    assert batch_sharpness(model, ce, list(batch)) == batch_sharpness(model, ce, batch)  # collated list
+
+
+def test_hutchinson_close_to_dense_trace() -> None:
+    model, batch = mlp(), data(30)
+    tr = float(torch.trace(dense_hessian(model, ce, [batch], [30.0])))
+    est = hutchinson_trace(model, ce, batch, num_samples=300, seed=1)
+    assert est.num_hvps == 300 and est.num_samples == 300
+    assert abs(est.trace - tr) < 4 * est.std_error + 1e-12
+    assert est.std_error < 0.2 * abs(tr)
+    assert (
+        float(hutchinson_trace(model, ce, batch, num_samples=10, seed=1))
+        == hutchinson_trace(model, ce, batch, num_samples=10, seed=1).trace
+    )
+
+
+def test_nan_hessian_gives_nan_eigenvalues_and_warning() -> None:
+    w = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    model = nn.Module()
+    model.w = w
+
+    def loss_fn(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return (m.w.pow(2).sqrt() * batch).sum() + 1.0  # finite loss, NaN derivatives at 0
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        res = hessian_eigenvalues(model, loss_fn, torch.ones(4, dtype=torch.float64), k=1)
+    assert bool(torch.isnan(res.eigenvalues).all()) and not bool(res.converged.any())
+
+
+def test_bad_arguments() -> None:
+    model, batch = mlp(), data(8)
+    for kw, match in [
+        ({"k": 0}, "k must be"),
+        ({"k": 57}, "k must be < dim"),
+        ({"which": "top"}, "which must be one of"),
+        ({"method": "arpack"}, "method must be one of"),
+        ({"mode": "test"}, "mode must be one of"),
+        ({"params": ["x.weight"]}, "not a parameter name"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            hessian_eigenvalues(model, ce, batch, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        hessian_eigenvalues(model, ce, [])
+    with pytest.raises(ValueError, match="num_samples"):
+        hutchinson_trace(model, ce, batch, num_samples=0)
