@@ -11,7 +11,7 @@ from lightning_eos.bounds import (
     register_threshold,
     weight_decay_window,
 )
-from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor
+from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor, TwinDivergence
 from lightning_eos.curvature import (
     EigenResult,
     HessianOperator,
@@ -23,6 +23,7 @@ from lightning_eos.curvature import (
     layerwise_eigenvalues,
     preconditioned_sharpness,
 )
+from lightning_eos.twin import TwinEngine
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "HessianOperator",
     "SharpnessMonitor",
     "StabilityMonitor",
+    "TwinDivergence",
+    "TwinEngine",
     "__version__",
     "batch_sharpness",
     "block_eigenvalues",

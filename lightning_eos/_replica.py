@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -41,8 +41,8 @@ def replicate(module: ModuleT, *, share_parameters: bool) -> ModuleT:
             original (so autograd through the copy differentiates the real weights), while buffers
             and every other attribute are private copies. If False everything is copied.
 
-    Data loaders held as attributes are shared rather than copied: copying them duplicates whole
-    datasets and their worker state for nothing.
+    Data loaders and datasets held as attributes are shared rather than copied: copying them
+    duplicates whole datasets and their worker state for nothing.
     """
     memo: dict[int, object] = {}
     if share_parameters:
@@ -50,7 +50,7 @@ def replicate(module: ModuleT, *, share_parameters: bool) -> ModuleT:
             memo[id(p)] = p
     for sub in module.modules():
         for value in vars(sub).values():
-            if isinstance(value, DataLoader):
+            if isinstance(value, (DataLoader, Dataset)):
                 memo[id(value)] = value
     return copy.deepcopy(module, memo)
 

@@ -17,7 +17,8 @@ class Carrier(nn.Module):
         self.lin = nn.Linear(3, 3)
         self.bn = nn.BatchNorm1d(3)
         self.counter = 0
-        self.loader = DataLoader(TensorDataset(torch.zeros(4, 3)), batch_size=2)
+        self.data = TensorDataset(torch.zeros(4, 3))
+        self.loader = DataLoader(self.data, batch_size=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.counter += 1
@@ -30,7 +31,7 @@ def test_shared_replica_shares_parameters_but_not_buffers_or_state() -> None:
     rep = replicate(real, share_parameters=True)
     assert all(a is b for a, b in zip(rep.parameters(), real.parameters()))
     assert rep.bn.running_mean is not real.bn.running_mean
-    assert rep.loader is real.loader  # never copied
+    assert rep.loader is real.loader and rep.data is real.data  # never copied
     rep(torch.randn(5, 3)).sum().backward()
     assert real.counter == 0 and rep.counter == 1
     for key, value in real.state_dict().items():

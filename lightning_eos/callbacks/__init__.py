@@ -2,5 +2,6 @@
 
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 from lightning_eos.callbacks.stability import StabilityMonitor
+from lightning_eos.callbacks.twin import TwinDivergence
 
-__all__ = ["SharpnessMonitor", "StabilityMonitor"]
+__all__ = ["SharpnessMonitor", "StabilityMonitor", "TwinDivergence"]

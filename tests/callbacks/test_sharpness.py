@@ -65,8 +65,6 @@ def make_trainer(**kw: Any) -> pl.Trainer:
     )
 
 
-
-
 def digits_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     return model.loss(batch)  # type: ignore[operator]
 

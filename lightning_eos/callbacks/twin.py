@@ -1,0 +1,416 @@
+"""``TwinDivergence``: a bit-perturbed shadow twin trained in lockstep with the real model.
+
+A thin Lightning adapter over :class:`lightning_eos.twin.TwinEngine`. Per training batch:
+
+* ``on_train_batch_start`` — capture the generator state the real step is about to use;
+* ``on_before_optimizer_step`` — capture the hyper-parameters the real optimizer applies now
+  (a step scheduler has moved the LR by ``on_train_batch_end``);
+* ``on_train_batch_end`` — the twin runs the user's own ``training_step`` (through
+  :class:`~lightning_eos.callbacks._lightning.StepReplica`, logging silenced) on the same batch,
+  replaying that generator state (same dropout masks) inside the trainer's precision context, and
+  back-propagates ``loss / accumulate_grad_batches`` as Lightning does. On real optimizer steps
+  only, its gradients are all-reduced (mean) under DDP, clipped like the real ones, and the twin's
+  optimizer steps with the applied hyper-parameters. The gap is measured on device; numbers reach
+  the host only every ``every_n_steps`` twin steps, when they are logged under ``twin/``.
+
+The real module, its gradients, its optimizer and the global RNG stream are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_eos._replica import RngState, capture_rng, isolated_rng, rng_devices
+from lightning_eos.callbacks._lightning import (
+    OptimizerStepTracker,
+    StepReplica,
+    allreduce_sum,
+    check_supported_strategy,
+    extract_loss,
+    log_metrics,
+    logging_step,
+    merge_custom_scalars,
+)
+from lightning_eos.twin import TwinEngine, check_rescale_supported
+
+__all__ = ["TwinDivergence", "argmax_predict"]
+
+
+def argmax_predict(module: nn.Module, batch: Any) -> torch.Tensor:
+    """Default ``predict_fn``: class index ``argmax(-1)`` of ``module(x)``, ``x`` the batch's first item."""
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return module(x).argmax(-1)
+
+
+class TwinDivergence(Callback):
+    """Train a one-ulp-perturbed twin of the model in lockstep and log how far it drifts.
+
+    Args:
+        perturbation: ``"ulp"`` — the twin's floating parameters start one ulp higher
+            (``torch.nextafter`` toward +inf); ``"rescale"`` — identical start, each twin update
+            computed as ``(k·lr)·(step/k)``; ``"none"`` — no perturbation: a determinism self-check
+            (any nonzero gap is reported with the first step and layer).
+        params: ``"ulp"`` only on these parameter names or module prefixes (default: all).
+        fraction: ``"ulp"`` only on this random (seeded) fraction of the selected entries, in (0, 1].
+        single_weight: ``"ulp"`` on exactly one (seeded, random) weight: the "one bit" experiment.
+        seed: seed of the ``fraction`` / ``single_weight`` draw (private generator).
+        rescale_k: the ``k`` of ``"rescale"`` (> 0; 1 is bit-identical to ``"none"``).
+        every_n_steps: log and record every this many optimizer steps (≥ 1).
+        layers: per-layer gaps by owning ``"module"``, by ``"parameter"`` tensor, or ``"none"``.
+        window: steps the growth rate (1/step) is fitted over (≥ 2).
+        threshold: gap level whose first crossing step is kept (``first_step_above``), > 0.
+        event_decades: restrained-instability event: growth by at least this many decades ...
+        saturation_decades: ... then less than this many decades of growth over one window.
+        d_metric: also log the paper's ``D = 2·mean(|w−w'|/(|w|+|w'|))``.
+        validation: log ``twin/val_disagreement`` and ``twin/val_loss_gap`` after each validation
+            epoch during ``fit``.
+        predict_fn: ``predict_fn(module, batch) -> predicted labels`` for the disagreement
+            (default :func:`argmax_predict`).
+        resync_on_nonfinite: when the twin becomes NaN/Inf, copy the real model into it and
+            perturb again (True) instead of freezing it (False).
+    """
+
+    def __init__(
+        self,
+        perturbation: Literal["ulp", "rescale", "none"] = "ulp",
+        params: list[str] | None = None,
+        fraction: float = 1.0,
+        single_weight: bool = False,
+        seed: int = 0,
+        rescale_k: float = 3.0,
+        every_n_steps: int = 10,
+        layers: Literal["module", "parameter", "none"] = "module",
+        window: int = 50,
+        threshold: float = 1e-4,
+        event_decades: float = 3.0,
+        saturation_decades: float = 0.1,
+        d_metric: bool = False,
+        validation: bool = True,
+        predict_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        resync_on_nonfinite: bool = False,
+    ) -> None:
+        def bad(name: str, value: Any, accepted: str) -> ValueError:
+            return ValueError(f"TwinDivergence({name}={value!r}): accepted values are {accepted}")
+
+        if perturbation not in ("ulp", "rescale", "none"):
+            raise bad("perturbation", perturbation, "'ulp', 'rescale', 'none'")
+        if params is not None and (
+            isinstance(params, str) or not all(isinstance(p, str) and p for p in params) or not params
+        ):
+            raise bad("params", params, "None or a non-empty list of parameter/module names")
+        if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise bad("fraction", fraction, "a float in (0, 1]")
+        if not isinstance(rescale_k, (int, float)) or not math.isfinite(rescale_k) or rescale_k <= 0:
+            raise bad("rescale_k", rescale_k, "a finite float > 0")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise bad("every_n_steps", every_n_steps, "an int >= 1")
+        if layers not in ("module", "parameter", "none"):
+            raise bad("layers", layers, "'module', 'parameter', 'none'")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise bad("window", window, "an int >= 2")
+        if not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise bad("threshold", threshold, "a float > 0")
+        if not isinstance(event_decades, (int, float)) or not event_decades > 0:
+            raise bad("event_decades", event_decades, "a float > 0")
+        if not isinstance(saturation_decades, (int, float)) or not saturation_decades > 0:
+            raise bad("saturation_decades", saturation_decades, "a float > 0")
+        if predict_fn is not None and not callable(predict_fn):
+            raise bad("predict_fn", predict_fn, "None or a callable (module, batch) -> labels")
+        self.perturbation = perturbation
+        self.params = list(params) if params is not None else None
+        self.fraction = float(fraction)
+        self.single_weight = bool(single_weight)
+        self.seed = int(seed)
+        self.rescale_k = float(rescale_k)
+        self.every_n_steps = every_n_steps
+        self.layers = layers
+        self.window = window
+        self.threshold = float(threshold)
+        self.event_decades = float(event_decades)
+        self.saturation_decades = float(saturation_decades)
+        self.d_metric = bool(d_metric)
+        self.validation = bool(validation)
+        self.predict_fn = predict_fn or argmax_predict
+        self.resync_on_nonfinite = bool(resync_on_nonfinite)
+
+        self.engine: TwinEngine | None = None
+        self._replica: StepReplica | None = None
+        self._tracker = OptimizerStepTracker()
+        self._rng: RngState | None = None
+        self._pending: dict[str, Any] | None = None  # callback state loaded before on_fit_start
+        self._val_real: StepReplica | None = None
+        self._val_active = False
+        self._val_metrics: list[Any] = []
+        self.validation_history: list[dict[str, Any]] = []
+        self._warned_nondeterministic = False
+
+    # ------------------------------------------------------------------------------ set up
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_supported_strategy(trainer, "TwinDivergence")
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "TwinDivergence supports automatic optimization only: under manual optimization the "
+                "callback cannot know which losses, steps and clipping the twin must replay."
+            )
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(f"TwinDivergence needs exactly one optimizer, got {len(trainer.optimizers)}")
+        plugin = trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+            raise RuntimeError(
+                "TwinDivergence does not support precision='16-mixed' (dynamic GradScaler: its skipped "
+                "steps cannot be replayed bitwise). Supported: '32-true', '64-true', 'bf16-mixed', "
+                "'bf16-true', '16-true'."
+            )
+        if self.perturbation == "rescale":
+            check_rescale_supported(trainer.optimizers[0])
+        # Built here, not in setup: on resume the real weights are restored only after setup.
+        self._replica = StepReplica(pl_module, trainer, share_parameters=False)
+        self.engine = TwinEngine(
+            pl_module,
+            self._replica.module,
+            perturbation=self.perturbation,
+            params=self.params,
+            fraction=self.fraction,
+            single_weight=self.single_weight,
+            seed=self.seed,
+            rescale_k=self.rescale_k,
+            layers=self.layers,
+            window=self.window,
+            threshold=self.threshold,
+            event_decades=self.event_decades,
+            saturation_decades=self.saturation_decades,
+            d_metric=self.d_metric,
+        )
+        if self._pending is not None:
+            self.engine.load_state_dict(self._pending["engine"], load_optimizer=False)
+            self.validation_history = list(self._pending.get("validation_history", []))
+        else:
+            self.engine.start()
+            self.engine.record(trainer.global_step)
+        merge_custom_scalars(
+            trainer,
+            {
+                "Twin": {
+                    "divergence": ["Multiline", [r"twin/divergence(/.*)?$"]],
+                    "growth rate": ["Multiline", [r"twin/growth_rate(/.*)?$"]],
+                    "validation": ["Multiline", [r"twin/val_.*"]],
+                }
+            },
+        )
+        if self.validation:
+            from torchmetrics import MeanMetric
+
+            self._val_metrics = [MeanMetric().to(pl_module.device) for _ in range(3)]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The real optimizer's state is restored between on_fit_start and here (resume order).
+        assert self.engine is not None
+        self.engine.attach_optimizer(trainer.optimizers[0])
+        if self._pending is not None and self._pending["engine"].get("optimizer") is not None:
+            assert self.engine.optimizer is not None
+            self.engine.optimizer.load_state_dict(self._pending["engine"]["optimizer"])
+        self._pending = None
+
+    # ---------------------------------------------------------------------------- training
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._tracker.on_train_batch_start(trainer)
+        if self.engine is not None and not self.engine.frozen:
+            self._rng = capture_rng(rng_devices(pl_module.parameters()))
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._tracker.on_before_optimizer_step(trainer, optimizer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        engine, replica = self.engine, self._replica
+        if engine is None or replica is None or engine.frozen:
+            return
+        loss = None
+        if outputs is not None:  # training_step returned None: Lightning skipped the backward too
+            precision = trainer.precision_plugin
+
+            def twin_loss(module: nn.Module) -> torch.Tensor:
+                with precision.train_step_context():
+                    return replica.training_loss(batch, batch_idx)
+
+            loss = engine.backward(twin_loss, self._rng, divide_by=trainer.accumulate_grad_batches)
+        if not self._tracker.stepped(trainer):
+            return  # accumulation micro-batch: gradients accumulate in the twin like in the real one
+        algorithm = trainer.gradient_clip_algorithm
+        engine.step(
+            self._tracker.applied.get(0),
+            clip_val=trainer.gradient_clip_val,
+            clip_algorithm="value" if algorithm is not None and algorithm.value == "value" else "norm",
+            grad_transform=self._ddp_mean(trainer),
+            loss=loss,
+        )
+        if engine.steps % self.every_n_steps == 0:
+            self._record_and_log(trainer)
+
+    @staticmethod
+    def _ddp_mean(trainer: pl.Trainer) -> Callable[[list[torch.Tensor]], None] | None:
+        """The twin's gradient all-reduce: divide by the world size, then sum, as DDP's reducer does."""
+        reduce = allreduce_sum(trainer)
+        if reduce is None:
+            return None
+        world = trainer.world_size
+
+        def mean(grads: list[torch.Tensor]) -> None:
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for g in grads:
+                by_dtype.setdefault(g.dtype, []).append(g)
+            for group in by_dtype.values():  # one collective per dtype, not per tensor
+                flat = torch.cat([g.reshape(-1) for g in group]).div_(world)
+                flat = reduce(flat)
+                offset = 0
+                for g in group:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+
+        return mean
+
+    def _record_and_log(self, trainer: pl.Trainer) -> None:
+        engine = self.engine
+        assert engine is not None
+        r = engine.record(trainer.global_step)
+        metrics: dict[str, float] = {}
+
+        def put(key: str, value: float) -> None:
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                metrics[key] = float(value)
+
+        put("twin/divergence", r["divergence"])
+        for layer, value in r["layers"].items():
+            put(f"twin/divergence/{layer}", value)
+        if self.d_metric:
+            put("twin/d_metric", r["d_metric"])
+        put("twin/growth_rate", r["growth_rate"])
+        for layer, value in r["layer_growth_rate"].items():
+            put(f"twin/growth_rate/{layer}", value)
+        put("twin/amplification", r["amplification"])
+        put("twin/restrained_instability", float(len(engine.events)))
+        if r.get("nonfinite"):
+            metrics["twin/nonfinite"] = 1.0
+            action = "re-synced to the real model" if self.resync_on_nonfinite else "frozen"
+            rank_zero_warn(
+                f"TwinDivergence: the twin's loss or weights became non-finite at twin step "
+                f"{r['first_step_nonfinite']}; the twin is {action}. The real training is unaffected."
+            )
+            if self.resync_on_nonfinite:
+                engine.resync(trainer.optimizers[0])
+            else:
+                engine.frozen = True
+        if engine.first_nonzero is not None and not self._warned_nondeterministic:
+            self._warned_nondeterministic = True
+            rank_zero_warn(
+                "TwinDivergence(perturbation='none'): the unperturbed twin diverged from the real "
+                f"model at twin step {engine.first_nonzero['step']} (first in "
+                f"{engine.first_nonzero['layer']!r}): the training pipeline is not deterministic."
+            )
+        log_metrics(trainer, metrics)
+
+    # -------------------------------------------------------------------------- validation
+    def _validating(self, trainer: pl.Trainer) -> bool:
+        return (
+            self.validation
+            and self.engine is not None
+            and not self.engine.frozen
+            and not trainer.sanity_checking
+            and trainer.state.fn == "fit"
+        )
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._validating(trainer):
+            return
+        if self._val_real is None:
+            # Shares the real weights and owns copies of its buffers and carried state: eval forwards
+            # that cannot touch the real module. Built once; buffers refreshed every epoch.
+            self._val_real = StepReplica(pl_module, trainer, share_parameters=True)
+        with torch.no_grad():
+            for mine, real in zip(self._val_real.module.buffers(), pl_module.buffers()):
+                mine.copy_(real)
+        self._val_active = True
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._validating(trainer) or not self._val_active or self._val_real is None:
+            return
+        engine = self.engine
+        assert engine is not None
+        real, twin = self._val_real.module, engine.twin
+        engine.sync_modes()
+        for m_real, m_copy in zip(pl_module.modules(), real.modules()):
+            m_copy.training = m_real.training
+        extra = (dataloader_idx,) if len(trainer.num_val_batches) > 1 else ()
+        disagree, loss_real, loss_twin = self._val_metrics
+        with isolated_rng(rng_devices(pl_module.parameters())), torch.no_grad():
+            with trainer.precision_plugin.val_step_context():
+                pred_real = self.predict_fn(real, batch)
+                pred_twin = self.predict_fn(twin, batch)
+                out_real = real.validation_step(batch, batch_idx, *extra)
+                out_twin = twin.validation_step(batch, batch_idx, *extra)
+        disagree.update((pred_real != pred_twin).float())
+        try:
+            loss_real.update(extract_loss(out_real).detach().float())
+            loss_twin.update(extract_loss(out_twin).detach().float())
+        except ValueError:
+            pass  # validation_step returns no loss: only the disagreement is measured
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._validating(trainer) or not self._val_active:
+            return
+        self._val_active = False
+        disagree, loss_real, loss_twin = self._val_metrics
+        # compute() syncs across ranks (a collective): every rank gets here with the same updates.
+        metrics = {"twin/val_disagreement": float(disagree.compute())}
+        if loss_real.update_count > 0:
+            metrics["twin/val_loss_gap"] = abs(float(loss_twin.compute()) - float(loss_real.compute()))
+        for m in self._val_metrics:
+            m.reset()
+        self.validation_history.append({"global_step": trainer.global_step, **metrics})
+        log_metrics(trainer, metrics, step=logging_step(trainer))
+
+    # ------------------------------------------------------------------------ state/results
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Plain records (one per logged step; the first is step 0, right after the perturbation)."""
+        return self.engine.history if self.engine is not None else []
+
+    def summary(self) -> dict[str, Any]:
+        """Plain summary: gap start/end/max, decades, growth rate, events, non-finite, determinism."""
+        if self.engine is None:
+            return {}
+        out = self.engine.summary()
+        if self.validation_history:
+            out["validation"] = dict(self.validation_history[-1])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is None:
+            return dict(self._pending) if self._pending is not None else {}
+        return {"engine": self.engine.state_dict(), "validation_history": list(self.validation_history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied in on_fit_start / on_train_start, once the twin and its optimizer exist.
+        self._pending = dict(state_dict) if state_dict else None

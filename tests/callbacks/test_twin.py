@@ -1,0 +1,397 @@
+"""TwinDivergence through a real Trainer: lockstep exactness, non-interference, resume, NaN, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_eos.callbacks.twin import TwinDivergence
+from lightning_eos.demos import DigitsDataModule, DigitsMLP
+
+
+def _trainer(**kw: Any) -> pl.Trainer:
+    kw.setdefault("logger", False)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=kw.pop("devices", 1),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
+
+
+class ListLogger(Logger):
+    """Keeps every ``log_metrics`` call in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "list"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def keys(self) -> set[str]:
+        return {k for _, m in self.calls for k in m}
+
+
+class Net(pl.LightningModule):
+    """Linear–BatchNorm–tanh–Dropout–Linear, cross-entropy, Adam + a step-interval StepLR."""
+
+    def __init__(self, dropout: float = 0.3, shuffle: bool = False, lr: float = 0.05) -> None:
+        super().__init__()
+        state = torch.get_rng_state()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3)
+        )
+        g = torch.Generator().manual_seed(1)
+        self.data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+        torch.set_rng_state(state)
+        self.shuffle, self.lr = shuffle, lr
+        self.poison_at: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        if getattr(self, "poison", False):  # set on the twin only, by a test callback
+            self.poison = False
+            loss = loss * math.nan
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("val_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=4, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=16)
+
+
+def test_none_perturbation_is_exactly_zero_every_step() -> None:
+    model = Net(dropout=0.3)
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, layers="parameter")
+    trainer = _trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=[twin])
+    trainer.fit(model)
+    assert twin.engine is not None and twin.engine.steps == 8
+    assert len(twin.history) == 9  # step 0 + every step
+    for rec in twin.history:
+        assert rec["divergence"] == 0.0 and all(v == 0.0 for v in rec["layers"].values())
+    for (n, a), b in zip(model.state_dict().items(), twin.engine.twin.state_dict().values()):
+        assert torch.equal(a, b), n  # weights and BatchNorm statistics
+    real_state = trainer.optimizers[0].state_dict()["state"]
+    twin_state = twin.engine.optimizer.state_dict()["state"]
+    for i in real_state:
+        for key in real_state[i]:
+            assert torch.equal(real_state[i][key], twin_state[i][key])
+    s = twin.summary()
+    assert s["deterministic"] is True
+    assert s["validation"]["twin/val_disagreement"] == 0.0 and s["validation"]["twin/val_loss_gap"] == 0.0
+
+
+@pytest.mark.parametrize("k", [1.0, 3.0])
+def test_rescale_through_trainer(k: float) -> None:
+    twin = TwinDivergence(perturbation="rescale", rescale_k=k, every_n_steps=1, validation=False)
+    _trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[twin]).fit(Net(dropout=0.3))
+    gaps = [r["divergence"] for r in twin.history]
+    assert gaps[0] == 0.0  # identical start
+    if k == 1.0:
+        assert all(g == 0.0 for g in gaps)  # k = 1 is the plain step, bit for bit
+    else:
+        # One step from identical weights and gradients: only the roundings of (k·lr)·(u/k) differ.
+        # (Later steps may amplify them a lot: Adam turns the round-off-level gradient of the
+        # bias in front of BatchNorm into ±lr steps.)
+        assert 0.0 < gaps[1] < 1e-7
+
+
+def _fit_state(callbacks: list[pl.Callback]) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
+    pl.seed_everything(0, verbose=False)
+    model = Net(dropout=0.3, shuffle=True)
+    trainer = _trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=callbacks)
+    trainer.fit(model)
+    return model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state()
+
+
+def test_real_run_is_bitwise_unaffected() -> None:
+    weights_a, opt_a, rng_a = _fit_state([])
+    twin = TwinDivergence(every_n_steps=2)
+    weights_b, opt_b, rng_b = _fit_state([twin])
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+    for i, st in opt_a["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, opt_b["state"][i][key])
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert torch.equal(rng_a, rng_b)
+    assert twin.history[-1]["divergence"] > 0  # the twin did run, perturbed
+
+
+def test_resume_continues_the_twin_trajectory_bitwise(tmp_path: Path) -> None:
+    full = TwinDivergence(every_n_steps=2, layers="parameter")
+    model = Net(dropout=0.0)
+    _trainer(max_epochs=2, callbacks=[full]).fit(model)
+
+    first = TwinDivergence(every_n_steps=2, layers="parameter")
+    trainer = _trainer(max_epochs=1, callbacks=[first])
+    trainer.fit(Net(dropout=0.0))
+    ckpt = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(ckpt)
+    torch.load(ckpt, weights_only=True)  # plain tensors and primitives only
+
+    resumed = TwinDivergence(every_n_steps=2, layers="parameter")
+    _trainer(max_epochs=2, callbacks=[resumed]).fit(Net(dropout=0.0), ckpt_path=ckpt)
+    assert full.engine is not None and resumed.engine is not None
+    assert resumed.engine.steps == full.engine.steps == 16
+    for a, b in zip(full.engine.twin.state_dict().values(), resumed.engine.twin.state_dict().values()):
+        assert torch.equal(a, b)
+    keep = ("step", "divergence", "growth_rate", "layers")
+    assert repr([{k: r[k] for k in keep} for r in full.history]) == repr(
+        [{k: r[k] for k in keep} for r in resumed.history]
+    )
+
+
+class Poisoner(pl.Callback):
+    """Makes the twin's loss NaN once, at a chosen global step."""
+
+    def __init__(self, twin: TwinDivergence, at: int) -> None:
+        self.twin, self.at = twin, at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            assert self.twin.engine is not None
+            self.twin.engine.twin.poison = True
+
+
+@pytest.mark.parametrize("resync", [False, True])
+def test_nonfinite_twin_is_reported_once_and_real_run_untouched(resync: bool) -> None:
+    twin = TwinDivergence(every_n_steps=2, resync_on_nonfinite=resync, validation=False)
+    logger = ListLogger()
+    pl.seed_everything(0, verbose=False)
+    model = Net(dropout=0.3)
+    with pytest.warns(UserWarning, match="non-finite"):
+        _trainer(max_epochs=2, callbacks=[Poisoner(twin, at=3), twin], logger=logger).fit(model)
+    pl.seed_everything(0, verbose=False)
+    reference = Net(dropout=0.3)
+    _trainer(max_epochs=2).fit(reference)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    flagged = [step for step, m in logger.calls if "twin/nonfinite" in m]
+    assert len(flagged) == 1
+    assert twin.engine is not None and twin.engine.nonfinite_step == (None if resync else 4)
+    assert twin.engine.frozen is (not resync)
+    if resync:
+        assert twin.engine.resyncs == 1 and math.isfinite(twin.history[-1]["divergence"])
+        assert twin.engine.steps == 16
+    else:
+        assert twin.engine.steps == 4  # frozen: no more twin steps
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"perturbation": "bits"}, "perturbation"),
+        ({"fraction": 0.0}, "fraction"),
+        ({"fraction": 1.5}, "fraction"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"window": 1}, "window"),
+        ({"layers": "block"}, "layers"),
+        ({"threshold": 0.0}, "threshold"),
+        ({"params": []}, "params"),
+        ({"rescale_k": 0.0}, "rescale_k"),
+        ({"event_decades": -1.0}, "event_decades"),
+        ({"predict_fn": 3}, "predict_fn"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}=.*accepted"):
+        TwinDivergence(**kwargs)
+
+
+class RpropModel(BoringModel):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Rprop(self.parameters())
+
+
+class ManualModel(BoringModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        opt = self.optimizers()
+        loss = self.step(batch)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_unsupported_setups_fail_at_setup() -> None:
+    with pytest.raises(ValueError, match=r"rescale.*Rprop"):
+        _trainer(max_steps=1, callbacks=[TwinDivergence(perturbation="rescale")]).fit(RpropModel())
+    with pytest.raises(RuntimeError, match="automatic optimization"):
+        _trainer(max_steps=1, callbacks=[TwinDivergence()]).fit(ManualModel())
+
+
+def test_boring_model_logs_documented_keys() -> None:
+    logger = ListLogger()
+    twin = TwinDivergence(every_n_steps=2, layers="parameter", d_metric=True)
+    trainer = _trainer(
+        max_epochs=1, limit_train_batches=6, limit_val_batches=3, logger=logger, callbacks=[twin]
+    )
+    trainer.fit(BoringModel())
+    keys = logger.keys()
+    for key in (
+        "twin/divergence",
+        "twin/divergence/layer.weight",
+        "twin/divergence/layer.bias",
+        "twin/d_metric",
+        "twin/growth_rate",
+        "twin/amplification",
+        "twin/restrained_instability",
+        "twin/val_disagreement",
+    ):
+        assert key in keys, key
+    assert "twin/val_loss_gap" not in keys  # BoringModel's validation_step returns no loss
+    assert "twin/divergence" in trainer.callback_metrics
+    assert len(twin.history) == 4
+
+
+@pytest.mark.slow
+def test_digits_below_vs_at_edge_of_stability() -> None:
+    result = {}
+    for lr in (0.05, 0.4):
+        twin = TwinDivergence(every_n_steps=25, validation=False)
+        _trainer(max_steps=250, limit_val_batches=0, callbacks=[twin]).fit(
+            DigitsMLP(lr=lr), DigitsDataModule()
+        )
+        result[lr] = twin.summary()
+    below, at = result[0.05], result[0.4]
+    assert below["amplification_decades"] < 0.4 and below["first_step_above_threshold"] == -1
+    assert at["amplification_decades"] > 3.0 and 100 <= at["first_step_above_threshold"] <= 250
+    assert at["divergence"] > 1e-4
+
+
+class Regression(pl.LightningModule):
+    """L = ½·mean_i (x_iᵀ(w − w*))², started at w = w*: the real model stays put, the twin's gap
+    follows e ← (I − ηH)e with H = mean x xᵀ over the *global* batch, so it grows like ρ^t with
+    ρ = max|1 − ηλ(H)| = 1.5. Full batch of 64; under DDP rank r gets samples 32r..32r+31, and the
+    halves are scaled differently so that the rank-local ρ are 0.89 and 3.6: a twin stepping on
+    rank-local (or summed) gradients would grow at a visibly different rate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 8, generator=g)
+        x[:32] *= 0.5
+        x[32:] *= 1.2
+        self.x = x
+        self.register_buffer("w_star", 1.0 + torch.rand(8, generator=g))
+        self.w = nn.Parameter(self.w_star.clone())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        return 0.5 * (x @ (self.w - self.w_star)).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=2.5 / 1.7043583)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        n = len(self.x) // world
+        return DataLoader(TensorDataset(self.x[rank * n : (rank + 1) * n]), batch_size=n)
+
+
+class DumpingTwin(TwinDivergence):
+    """Writes its history from rank 0 (ddp_spawn does not bring callback state back)."""
+
+    def __init__(self, out: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.out = out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            Path(self.out).write_text(json.dumps([[r["divergence"], r["growth_rate"]] for r in self.history]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ddp
+def test_ddp_gap_equals_single_process_gap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    single = DumpingTwin(str(tmp_path / "single.json"), every_n_steps=5)
+    _trainer(max_steps=30, callbacks=[single]).fit(Regression())
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    out = tmp_path / "ddp.json"
+    ddp = DumpingTwin(str(out), every_n_steps=5)
+    trainer = _trainer(
+        max_steps=30, devices=2, strategy="ddp_spawn", use_distributed_sampler=False, callbacks=[ddp]
+    )
+    trainer.fit(Regression())
+    single_rec = json.loads((tmp_path / "single.json").read_text())
+    ddp_rec = json.loads(out.read_text())
+    assert len(ddp_rec) == len(single_rec) == 7
+    # Same global batches and all-reduced (mean) twin gradients: the same linear gap dynamics. A twin
+    # stepping on rank-local gradients would follow a rank-local H (another ρ), a summed gradient 2H.
+    (gap_s, rate_s), (gap_d, rate_d) = single_rec[-1], ddp_rec[-1]
+    assert gap_s > 1e-4 and gap_d > 1e-4  # it did grow from round-off (~6e-8)
+    assert abs(math.log10(gap_s / gap_d)) < 0.05
+    assert rate_d == pytest.approx(rate_s, rel=0.02)
+    assert rate_s == pytest.approx(math.log(1.5), rel=0.1)  # still converging to log ρ at step 30
+    assert os.environ["MASTER_PORT"]
+
+
+def test_lightning_cli_configures_the_callback() -> None:
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    args = [
+        "--trainer.callbacks+=lightning_eos.callbacks.TwinDivergence",
+        "--trainer.callbacks.every_n_steps=5",
+        "--trainer.callbacks.perturbation=rescale",
+        "--trainer.callbacks.params=[layer]",
+        "--trainer.logger=false",
+    ]
+    cli = LightningCLI(BoringModel, run=False, args=args)
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, TwinDivergence)]
+    assert (cb.every_n_steps, cb.perturbation, cb.params) == (5, "rescale", ["layer"])

@@ -1,0 +1,209 @@
+"""TwinEngine (torch only): perturbations, lockstep, gap growth against linear theory, state."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_eos.twin import TwinEngine, apply_ulp, check_rescale_supported
+
+
+class Quadratic(nn.Module):
+    """L(w) = ½ (w − w*)ᵀ A (w − w*) with A = Q diag(eigs) Qᵀ, started at w = w*."""
+
+    def __init__(self, eigs: list[float], seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        d = len(eigs)
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        self.register_buffer("a", q @ torch.diag(torch.tensor(eigs, dtype=torch.float64)) @ q.T)
+        self.register_buffer("w_star", 1.0 + torch.rand(d, generator=g, dtype=torch.float64))
+        self.w = nn.Parameter(self.w_star.clone())
+
+    def loss(self) -> torch.Tensor:
+        e = self.w - self.w_star
+        return 0.5 * e @ (self.a @ e)
+
+
+def run_lockstep(real: nn.Module, opt: torch.optim.Optimizer, steps: int, **engine_kw) -> TwinEngine:
+    engine = TwinEngine(real, **engine_kw)
+    engine.attach_optimizer(opt)
+    engine.start()
+    for _ in range(steps):
+        opt.zero_grad()
+        real.loss().backward()
+        opt.step()
+        engine.backward(lambda m: m.loss())
+        engine.step()
+    return engine
+
+
+def heavy_ball_rho(eigs: list[float], lr: float, beta: float) -> float:
+    # Per mode the gap obeys e_{t+1} = (1 + β − ηλ) e_t − β e_{t−1}: roots of z² − (1+β−ηλ) z + β.
+    return max(max(abs(r) for r in np.roots([1.0, -(1.0 + beta - lr * lam), beta])) for lam in eigs)
+
+
+@pytest.mark.parametrize("lr", [0.25, 0.3])
+def test_gd_growth_rate_matches_linear_theory(lr: float) -> None:
+    eigs = [10.0, 4.0, 1.0, 0.5, 0.1]
+    rho = max(abs(1 - lr * lam) for lam in eigs)
+    assert rho >= 1.5
+    real = Quadratic(eigs)
+    engine = run_lockstep(real, torch.optim.SGD(real.parameters(), lr=lr), 70, window=20)
+    r = engine.record()
+    assert r["growth_rate"] == pytest.approx(math.log(rho), rel=0.02)
+    assert r["amplification"] > 8  # decades
+
+
+def test_gd_below_stability_does_not_grow() -> None:
+    eigs = [10.0, 4.0, 1.0]
+    lr = 0.15  # rho = 0.5
+    real = Quadratic(eigs)
+    engine = run_lockstep(real, torch.optim.SGD(real.parameters(), lr=lr), 100, window=20)
+    r = engine.record()
+    assert r["amplification"] <= 0.05
+    assert not r["growth_rate"] > 0.01
+
+
+def test_heavy_ball_growth_rate_matches_characteristic_root() -> None:
+    eigs = [14.0, 3.0, 1.0, 0.3]
+    lr, beta = 0.3, 0.5
+    rho = heavy_ball_rho(eigs, lr, beta)
+    assert rho >= 1.5
+    real = Quadratic(eigs, seed=1)
+    opt = torch.optim.SGD(real.parameters(), lr=lr, momentum=beta)
+    engine = run_lockstep(real, opt, 70, window=20)
+    assert engine.record()["growth_rate"] == pytest.approx(math.log(rho), rel=0.02)
+
+
+def test_none_stays_bitwise_equal_with_adam() -> None:
+    torch.manual_seed(0)
+    real = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 5), torch.randn(32, 1)
+    real.loss = lambda: nn.functional.mse_loss(real(x), y)  # type: ignore[attr-defined]
+    opt = torch.optim.Adam(real.parameters(), lr=0.05)
+    engine = TwinEngine(real, perturbation="none", layers="parameter")
+    engine.twin.loss = lambda: nn.functional.mse_loss(engine.twin(x), y)  # type: ignore[attr-defined]
+    engine.attach_optimizer(opt)
+    engine.start()
+    for _ in range(20):
+        opt.zero_grad()
+        real.loss().backward()
+        opt.step()
+        engine.backward(lambda m: m.loss())
+        engine.step()
+        assert engine.read()["divergence"] == 0.0
+    s = engine.summary()
+    assert s["deterministic"] is True and s["first_nonzero"] is None
+
+
+def test_rescale_k1_bit_identical_and_k3_differs_by_roundoff() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(20, 20)
+    x = torch.randn(16, 20)
+    for opt_cls, kw in [(torch.optim.SGD, {"momentum": 0.9, "weight_decay": 1e-3}), (torch.optim.AdamW, {})]:
+        for k in (1.0, 3.0):
+            real = nn.Linear(20, 20)
+            real.load_state_dict(base.state_dict())
+            opt = opt_cls(real.parameters(), lr=0.01, **kw)
+            engine = TwinEngine(real, perturbation="rescale", rescale_k=k)
+            engine.attach_optimizer(opt)
+            engine.start()
+            assert engine.read()["divergence"] == 0.0  # identical start
+            for _ in range(3):
+                opt.zero_grad()
+                real(x).square().mean().backward()
+                opt.step()
+                engine.backward(lambda m: m(x).square().mean())
+                engine.step()
+            gap = engine.read()["divergence"]
+            if k == 1.0:
+                assert gap == 0.0
+            else:
+                assert 0.0 < gap < 1e-6
+
+
+def test_rescale_refuses_nonlinear_optimizers() -> None:
+    p = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match=r"rescale.*LBFGS"):
+        check_rescale_supported(torch.optim.LBFGS(p))
+    with pytest.raises(ValueError, match="Adagrad"):
+        check_rescale_supported(torch.optim.Adagrad(p, lr_decay=0.1))
+    check_rescale_supported(torch.optim.Adagrad(p))
+    real = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="Rprop"):
+        TwinEngine(real, perturbation="rescale").attach_optimizer(torch.optim.Rprop(real.parameters()))
+
+
+def test_apply_ulp_selection() -> None:
+    def fresh() -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return {"a.weight": torch.randn(10, 10, generator=g), "b.weight": torch.randn(50, generator=g)}
+
+    ref = fresh()
+    p = fresh()
+    assert apply_ulp(p) == 150
+    assert torch.equal(p["a.weight"], torch.nextafter(ref["a.weight"], torch.tensor(math.inf)))
+    p = fresh()
+    assert apply_ulp(p, names=["b"]) == 50 and torch.equal(p["a.weight"], ref["a.weight"])
+    p = fresh()
+    assert apply_ulp(p, single_weight=True, seed=3) == 1
+    assert sum(int((p[k] != ref[k]).sum()) for k in p) == 1
+    p = fresh()
+    n = apply_ulp(p, fraction=0.5, seed=1)
+    assert 40 < n < 110 and sum(int((p[k] != ref[k]).sum()) for k in p) == n
+    with pytest.raises(ValueError, match="match no"):
+        apply_ulp(fresh(), names=["nope"])
+
+
+def test_state_dict_roundtrip_weights_only_and_bitwise_continuation() -> None:
+    real = Quadratic([14.0, 1.0])
+    opt = torch.optim.SGD(real.parameters(), lr=0.3, momentum=0.5)
+    engine = run_lockstep(real, opt, 10, window=5, layers="parameter")
+    engine.record()
+    buf = io.BytesIO()
+    torch.save({"engine": engine.state_dict(), "real": real.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    real2 = Quadratic([14.0, 1.0])
+    real2.load_state_dict(saved["real"])
+    opt2 = torch.optim.SGD(real2.parameters(), lr=0.3, momentum=0.5)
+    opt2.load_state_dict(saved["opt"])
+    engine2 = TwinEngine(real2, window=5, layers="parameter")
+    engine2.attach_optimizer(opt2)
+    engine2.load_state_dict(saved["engine"])
+    for e, r, o in ((engine, real, opt), (engine2, real2, opt2)):
+        for _ in range(10):
+            o.zero_grad()
+            r.loss().backward()
+            o.step()
+            e.backward(lambda m: m.loss())
+            e.step()
+    assert torch.equal(engine.twin.w, engine2.twin.w)
+    assert repr(engine.read()) == repr(engine2.read())  # repr: NaN entries compare equal
+    assert engine.read()["growth_rate"] > 0.5
+    assert len(engine2.history) == 1
+
+
+def test_nonfinite_is_recorded_once() -> None:
+    real = Quadratic([1.0])
+    opt = torch.optim.SGD(real.parameters(), lr=0.1)
+    engine = TwinEngine(real)
+    engine.attach_optimizer(opt)
+    engine.start()
+    with torch.no_grad():
+        engine.twin.w.fill_(math.nan)
+    engine.backward(lambda m: m.loss())
+    engine.step()
+    r = engine.record()
+    assert r.get("nonfinite") and r["first_step_nonfinite"] == 1
+    assert "nonfinite" not in engine.record()
+    engine.resync(opt)
+    assert engine.read()["divergence"] > 0 and engine.resyncs == 1
+    assert math.isfinite(engine.read()["divergence"])
