@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_eos.callbacks.twin import TwinDivergence
-from lightning_eos.demos import DigitsDataModule, DigitsMLP
+from lightning_eos.demos import DigitsDataModule, DigitsMLP, quiet_trainer
 
 
 class SmallCNN(pl.LightningModule):
@@ -87,15 +87,7 @@ def fit(
     """One fit; returns (wall seconds, process CPU seconds, parameter+optimizer bytes)."""
     model, data = make()
     cb = TwinDivergence(every_n_steps=10, validation=False) if twin else None
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[cb] if cb is not None else [],
-    )
+    trainer = quiet_trainer(steps, [cb] if cb is not None else [])
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, data) if data is not None else trainer.fit(model)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu

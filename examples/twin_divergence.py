@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor, TwinDivergence
-from lightning_eos.demos import DigitsDataModule, DigitsMLP
+from lightning_eos.demos import DigitsDataModule, DigitsMLP, quiet_trainer
 
 
 def run(lr: float, steps: int, dtype: torch.dtype, monitors: bool) -> dict[str, Any]:
@@ -46,15 +46,7 @@ def run(lr: float, steps: int, dtype: torch.dtype, monitors: bool) -> dict[str, 
             every_n_steps=100, probe_size=1000, max_iter=40, tol=1e-3, batch_sharpness=False
         )
         callbacks += [sharp, StabilityMonitor(every_n_steps=10)]
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(steps, callbacks)
     trainer.fit(model, DigitsDataModule(n_samples=1000, dtype=dtype))
     sharpness = [(r.step, r.sharpness) for r in sharp.history] if sharp is not None else []
     return {

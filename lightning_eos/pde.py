@@ -349,22 +349,29 @@ def _dft_spectrum(imgs: torch.Tensor, dim: int) -> ConvSpectrum:
 
 
 def _linear_term_range(
-    spectrum: ConvSpectrum, a: float, beta: float, pooling: str, num_outputs: int
+    images: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    a: float,
+    beta: float,
+    method: str,
+    pooling: str,
+    circular: bool,
+    spectrum: ConvSpectrum | None,
 ) -> tuple[float, float]:
-    """Extreme eigenvalues ``(min, max)`` of the transitioning-region Hessian ``(aβ/2)·PᵀP/norm``."""
+    """Extreme eigenvalues ``(min, max)`` of the transitioning-region Hessian ``(aβ/2)·PᵀP/norm``
+    (arguments as in :func:`conv_weight_decay_window`; ``spectrum`` skips the eigensolve)."""
     if pooling not in ("sum", "mean"):
         raise ValueError(f"pooling must be 'sum' (the paper's normalization) or 'mean', got {pooling!r}")
+    imgs = _as_images(images)
+    if spectrum is None:
+        spectrum = conv_operator_spectrum(imgs, kernel_size, method, circular=circular)
     scale = _finite(a, "a") * _finite(beta, "beta") / 2.0
     if pooling == "mean":
-        scale /= num_outputs
+        b, _, h, w = imgs.shape
+        kh, kw = _kernel_hw(kernel_size, h, w)
+        scale /= b * (h * w if circular else (h - kh + 1) * (w - kw + 1))
     ends = (scale * spectrum.lambda_min, scale * spectrum.lambda_max)
     return (min(ends), max(ends))
-
-
-def _num_outputs(images: torch.Tensor, kernel_size: int | tuple[int, int], circular: bool) -> int:
-    b, _, h, w = images.shape
-    kh, kw = _kernel_hw(kernel_size, h, w)
-    return b * (h * w if circular else (h - kh + 1) * (w - kw + 1))
 
 
 def conv_weight_decay_window(
@@ -402,13 +409,7 @@ def conv_weight_decay_window(
     Returns:
         :class:`~lightning_eos.bounds.WeightDecayWindow`, iterable as ``(alpha_min, alpha_max)``.
     """
-    imgs = _as_images(images)
-    spec = (
-        spectrum
-        if spectrum is not None
-        else conv_operator_spectrum(imgs, kernel_size, method, circular=circular)
-    )
-    lo, hi = _linear_term_range(spec, a, beta, pooling, _num_outputs(imgs, kernel_size, circular))
+    lo, hi = _linear_term_range(images, kernel_size, a, beta, method, pooling, circular, spectrum)
     return weight_decay_window(lo, hi, lr, momentum=momentum, nesterov=nesterov)
 
 
@@ -431,14 +432,8 @@ def conv_max_stable_lr(
     limit) and ``0.0`` when ``α + λ_min(H) < 0``: the continuous PDE itself is unstable there, so no
     step size helps.
     """
-    imgs = _as_images(images)
     alpha = _finite(alpha, "alpha")
-    spec = (
-        spectrum
-        if spectrum is not None
-        else conv_operator_spectrum(imgs, kernel_size, method, circular=circular)
-    )
-    lo, hi = _linear_term_range(spec, a, beta, pooling, _num_outputs(imgs, kernel_size, circular))
+    lo, hi = _linear_term_range(images, kernel_size, a, beta, method, pooling, circular, spectrum)
     c = stability_constant(momentum, nesterov)
     if alpha + lo < 0.0:
         return 0.0

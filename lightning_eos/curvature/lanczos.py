@@ -23,7 +23,7 @@ import torch
 
 from .operator import SymmetricOperator
 
-__all__ = ["DEFAULT_TOL", "EigenResult", "eigsh", "lanczos", "power_iteration"]
+__all__ = ["DEFAULT_TOL", "EigenResult", "check_choices", "eigsh", "lanczos", "power_iteration", "wants"]
 
 #: Default residual tolerance ``||A y − θ y|| ≤ tol·|θ|``. The eigenvalue error is about
 #: ``r²/gap = tol²·θ²/gap``, i.e. ≤ 2e-7 relative for relative gaps down to 0.05. Measured on the
@@ -77,6 +77,20 @@ class EigenResult:
         return float(self.eigenvalues[0])
 
 
+def check_choices(which: str, method: str) -> None:
+    """``ValueError`` unless ``which`` and ``method`` name a supported end and solver (cheap: callers
+    run it before building a costly operator)."""
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+
+
+def wants(k: int, which: str) -> int:
+    """Number of eigenpairs a request returns: ``2k`` for ``which="both"``, else ``k``."""
+    return 2 * k if which == "both" else k
+
+
 def _validate(operator: SymmetricOperator, k: int, which: str, tol: float) -> int:
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
@@ -84,7 +98,7 @@ def _validate(operator: SymmetricOperator, k: int, which: str, tol: float) -> in
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if k >= operator.dim:
         raise ValueError(f"k must be < dim = {operator.dim} (the operator's size), got k={k}")
-    n_want = 2 * k if which == "both" else k
+    n_want = wants(k, which)
     if n_want > operator.dim:
         raise ValueError(f"which='both' needs 2k <= dim = {operator.dim}, got k={k}")
     if not (tol > 0 and math.isfinite(tol)):
@@ -109,6 +123,38 @@ def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     if which == "smallest":
         return bottom
     return torch.cat([top, bottom])
+
+
+def _result(
+    method: str,
+    vals: torch.Tensor,
+    vecs: torch.Tensor | None,
+    res: torch.Tensor,
+    scale: float,
+    tol: float,
+    dtype: torch.dtype,
+    num_hvps: int,
+    iterations: int,
+) -> EigenResult:
+    """Assemble the result: per-pair ``converged`` flags from the residuals (``scale`` = ``||A||``
+    estimate for the rounding floor), with a ``RuntimeWarning`` when any pair failed the test."""
+    conv = res <= _threshold(vals, scale, tol, dtype)
+    if not bool(conv.all()):
+        warnings.warn(
+            f"{method}: {int((~conv).sum())} of {conv.numel()} eigenpairs not converged to tol={tol}"
+            f" after {num_hvps} products; see EigenResult.converged/residuals",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return EigenResult(
+        eigenvalues=vals,
+        eigenvectors=vecs,
+        num_hvps=num_hvps,
+        converged=conv,
+        residuals=res,
+        iterations=iterations,
+        method=method,
+    )
 
 
 def _nan_result(n_want: int, dim: int, num_hvps: int, it: int, vecs: bool, method: str) -> EigenResult:
@@ -247,31 +293,22 @@ def lanczos(
                 break
         if m == n:
             break
-    assert theta is not None and S is not None and res is not None
-    if sel is None or sel.numel() < n_want:
-        sel = _select(theta, min(k, m), which)
-    vals = theta[sel].clone()
-    r_sel = res[sel].clone()
-    conv = r_sel <= _threshold(vals, float(theta.abs().max()), tol, operator.dtype)
-    if not bool(conv.all()):
-        warnings.warn(
-            f"lanczos: {int((~conv).sum())} of {conv.numel()} eigenpairs not converged to tol={tol}"
-            f" after {m} products (max_iter={m_max}); see EigenResult.converged/residuals",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    assert theta is not None and S is not None and res is not None and sel is not None
     vecs = None
     if return_eigenvectors:
         vecs = V[:m].T @ S[:, sel].to(device)
         vecs = vecs / vecs.norm(dim=0, keepdim=True)
-    return EigenResult(
-        eigenvalues=vals,
-        eigenvectors=vecs,
-        num_hvps=operator.num_hvps - hvps0,
-        converged=conv,
-        residuals=r_sel,
-        iterations=m,
-        method="lanczos",
+    scale = float(theta.abs().max())
+    return _result(
+        "lanczos",
+        theta[sel].clone(),
+        vecs,
+        res[sel].clone(),
+        scale,
+        tol,
+        operator.dtype,
+        operator.num_hvps - hvps0,
+        m,
     )
 
 
@@ -361,22 +398,16 @@ def power_iteration(
     res = torch.cat([p[2] for p in parts])
     order = torch.argsort(vals, descending=True)
     vals, vecs, res = vals[order], vecs[:, order.to(vecs.device)], res[order]
-    conv = res <= _threshold(vals, float(vals.abs().max()), tol, operator.dtype)
-    if not bool(conv.all()):
-        warnings.warn(
-            f"power: {int((~conv).sum())} of {conv.numel()} eigenpairs not converged to tol={tol}"
-            f" after {operator.num_hvps - hvps0} products; see EigenResult.converged/residuals",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return EigenResult(
-        eigenvalues=vals,
-        eigenvectors=vecs if return_eigenvectors else None,
-        num_hvps=operator.num_hvps - hvps0,
-        converged=conv,
-        residuals=res,
-        iterations=total_it,
-        method="power",
+    return _result(
+        "power",
+        vals,
+        vecs if return_eigenvectors else None,
+        res,
+        float(vals.abs().max()),
+        tol,
+        operator.dtype,
+        operator.num_hvps - hvps0,
+        total_it,
     )
 
 
@@ -393,8 +424,7 @@ def eigsh(
 ) -> EigenResult:
     """Dispatch to :func:`lanczos` (``method="lanczos"``) or :func:`power_iteration` (``"power"``;
     ``block_size`` applies to Lanczos only: power iteration already iterates ``k`` vectors)."""
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    check_choices(which, method)
     kw = {"k": k, "which": which, "tol": tol, "max_iter": max_iter, "seed": seed}
     if method == "lanczos":
         return lanczos(operator, return_eigenvectors=return_eigenvectors, block_size=block_size, **kw)

@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .lanczos import DEFAULT_TOL, EigenResult, eigsh
-from .operator import Batches, HessianOperator, LossFn, PreconditionedOperator, ReduceFn
+from .lanczos import DEFAULT_TOL, EigenResult, check_choices, eigsh, wants
+from .operator import (
+    Batches,
+    HessianOperator,
+    LossFn,
+    PreconditionedOperator,
+    ReduceFn,
+    SymmetricOperator,
+)
 
 __all__ = [
     "EigenResult",
@@ -34,28 +41,30 @@ __all__ = [
     "preconditioned_sharpness",
 ]
 
-_WHICH = ("largest", "smallest", "both")
-_METHODS = ("lanczos", "power")
-_MODES = ("train", "eval")
 
+@dataclass(frozen=True)
+class _Solve:
+    """The solver arguments the eigenvalue functions share; ``which``/``method`` are checked on
+    creation, before any (costly) operator is built. Calling it runs :func:`eigsh` on an operator."""
 
-def _check_choices(which: str, method: str, mode: str) -> None:
-    # Validate cheap arguments before the (costly) operator construction.
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    k: int
+    which: str
+    method: str
+    tol: float
+    max_iter: int | None
+    seed: int
+    return_eigenvectors: bool
+    block_size: int
 
+    def __post_init__(self) -> None:
+        check_choices(self.which, self.method)
 
-def _check_k(k: int, dim: int, which: str) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if k >= dim:
-        raise ValueError(f"k must be < dim = {dim} (number of chosen parameters), got k={k}")
-    if which == "both" and 2 * k > dim:
-        raise ValueError(f"which='both' needs 2k <= dim = {dim}, got k={k}")
+    def fits(self, dim: int) -> bool:
+        """Whether an operator of size ``dim`` has room for the request (``k < dim``, ``2k <= dim``)."""
+        return self.k < dim and wants(self.k, self.which) <= dim
+
+    def __call__(self, operator: SymmetricOperator) -> EigenResult:
+        return eigsh(operator, **asdict(self))
 
 
 def hessian_eigenvalues(
@@ -89,7 +98,7 @@ def hessian_eigenvalues(
     :func:`~lightning_eos.curvature.lanczos.lanczos` (``block_size`` > 1 for exactly repeated
     eigenvalues).
     """
-    _check_choices(which, method, mode)
+    solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size)
     op = HessianOperator(
         model,
         loss_fn,
@@ -103,18 +112,7 @@ def hessian_eigenvalues(
         max_cached_batches=max_cached_batches,
         seed=seed,
     )
-    _check_k(k, op.dim, which)
-    return eigsh(
-        op,
-        k=k,
-        which=which,
-        method=method,
-        tol=tol,
-        max_iter=max_iter,
-        seed=seed,
-        return_eigenvectors=return_eigenvectors,
-        block_size=block_size,
-    )
+    return solve(op)
 
 
 def _block_params(model: nn.Module, block: Any) -> list[nn.Parameter]:
@@ -163,11 +161,18 @@ def layer_blocks(model: nn.Module) -> dict[str, list[str]]:
     """The model's layers: ``{module path: [names of its own trainable parameters]}``.
 
     A "layer" is a module that *directly* owns trainable parameters (``recurse=False``), named by its
-    path from ``named_modules()`` (``""`` for the root module itself), in registration order.
+    path from ``named_modules()`` (``""`` for the root module itself), in registration order. A
+    parameter shared by several modules (tied weights) belongs to the first one, as in
+    ``model.named_parameters()``.
     """
     out: dict[str, list[str]] = {}
+    seen: set[int] = set()
     for mname, module in model.named_modules():
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        own = []
+        for n, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                own.append(n)
         if own:
             out[mname] = [f"{mname}.{n}" if mname else n for n in own]
     return out
@@ -198,7 +203,7 @@ def layerwise_eigenvalues(
     block's products only backpropagate into its own parameters). Layers too small for ``k``
     (``k >= dim``, or ``2k > dim`` for ``"both"``) are skipped. ``layers`` restricts the sweep.
     """
-    _check_choices(which, method, mode)
+    solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size)
     blocks = layer_blocks(model)
     if layers is not None:
         unknown = [name for name in layers if name not in blocks]
@@ -223,19 +228,8 @@ def layerwise_eigenvalues(
     out: dict[str, EigenResult] = {}
     for name, pnames in blocks.items():
         block = op.restrict(pnames)
-        if k >= block.dim or (which == "both" and 2 * k > block.dim):
-            continue
-        out[name] = eigsh(
-            block,
-            k=k,
-            which=which,
-            method=method,
-            tol=tol,
-            max_iter=max_iter,
-            seed=seed,
-            return_eigenvectors=return_eigenvectors,
-            block_size=block_size,
-        )
+        if solve.fits(block.dim):
+            out[name] = solve(block)
     return out
 
 
@@ -267,8 +261,8 @@ def optimizer_preconditioner(
         group = group_of[id(p)]
         state = optimizer.state.get(p, {})
         eps = float(group.get("eps", 0.0))
-        if "exp_avg_sq" in state and float(state.get("step", 0)) <= 0:
-            state = {}  # state allocated but no step taken: nothing to precondition with yet
+        if float(state.get("step", 1)) <= 0:
+            state = {}  # allocated but no step taken (Adam lazily, Adagrad in __init__): none yet
         if "exp_avg_sq" in state:
             v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
             step = float(state["step"])
@@ -322,7 +316,7 @@ def preconditioned_sharpness(
     with ``2/lr`` (Adam: ``(2 + 2β1)/((1 − β1)·lr)``). Eigenvectors, if requested, are those of the
     symmetric form (map back with ``P^{-1/2}``).
     """
-    _check_choices(which, method, mode)
+    solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size)
     op = HessianOperator(
         model,
         loss_fn,
@@ -334,20 +328,8 @@ def preconditioned_sharpness(
         dtype=dtype,
         seed=seed,
     )
-    _check_k(k, op.dim, which)
     P = optimizer_preconditioner(optimizer, op.params, missing_state=missing_state)
-    pre = PreconditionedOperator(op, P)
-    return eigsh(
-        pre,
-        k=k,
-        which=which,
-        method=method,
-        tol=tol,
-        max_iter=max_iter,
-        seed=seed,
-        return_eigenvectors=return_eigenvectors,
-        block_size=block_size,
-    )
+    return solve(PreconditionedOperator(op, P))
 
 
 @dataclass
@@ -383,8 +365,6 @@ def hutchinson_trace(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     op = HessianOperator(
         model,
         loss_fn,

@@ -1,5 +1,7 @@
 """scikit-learn's ``load_digits`` (it ships inside the package: no download) as Lightning data,
-and the MLP of the edge-of-stability experiments: 64-100-100-10, tanh, MSE on one-hot targets.
+and the MLP of the edge-of-stability experiments: 64-100-100-10, tanh, squared error
+½‖f(x) − onehot(y)‖² averaged over samples (not ``F.mse_loss``, which also averages over the 10
+outputs).
 """
 
 from __future__ import annotations

@@ -143,6 +143,65 @@ def test_preconditioner_missing_state() -> None:
         optimizer_preconditioner(sgd, list(model.parameters()))
 
 
+def test_adagrad_without_a_step_has_no_preconditioner_yet() -> None:
+    # Adagrad allocates its state (sum = 0, step = 0) in __init__: that is not a preconditioner
+    # (P would be eps = 1e-10, inflating the sharpness 1e10-fold), so it counts as missing state.
+    model, batch = mlp(), data(10)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="no state"):
+        optimizer_preconditioner(opt, list(model.parameters()))
+    P = optimizer_preconditioner(opt, list(model.parameters()), missing_state="identity")
+    assert torch.equal(P, torch.ones(57, dtype=torch.float64))
+    _train(model, opt, batch, steps=2)
+    want = torch.cat([opt.state[p]["sum"].reshape(-1) for p in model.parameters()]).double().sqrt()
+    torch.testing.assert_close(optimizer_preconditioner(opt, list(model.parameters())), want + 1e-10)
+
+
+class _TiedNet(nn.Module):
+    """Two linear layers sharing one weight matrix (tied weights, as in language models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = mlp()[0], nn.Linear(6, 5).double()
+        self.sq = nn.Linear(6, 6).double()
+        self.sq2 = nn.Linear(6, 6).double()
+        self.sq2.weight = self.sq.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.tanh(self.sq2(torch.tanh(self.sq(torch.tanh(self.enc(x)))))))
+
+
+def test_layerwise_with_tied_weights_lists_each_parameter_once() -> None:
+    model, batch = _TiedNet(), data(20)
+    loss_fn = lambda m, b: (m(b[0]) - b[0]).pow(2).mean()  # noqa: E731
+    blocks = layer_blocks(model)
+    # the shared weight belongs to the first module that registers it, as in named_parameters()
+    assert blocks["sq"] == ["sq.weight", "sq.bias"] and blocks["sq2"] == ["sq2.bias"]
+    layers = layerwise_eigenvalues(model, loss_fn, batch, tol=1e-8)
+    assert list(layers) == ["enc", "dec", "sq", "sq2"]
+    names = [n for n, _ in model.named_parameters()]
+    H = dense_hessian(model, loss_fn, [batch], [20.0], names=names)
+    sizes = [p.numel() for p in model.parameters()]
+    start = sum(sizes[: names.index("sq.weight")])
+    idx = torch.arange(start, start + 42)  # sq.weight (36) and sq.bias (6)
+    ev = torch.linalg.eigvalsh(H[idx][:, idx])
+    assert abs(layers["sq"].max - float(ev[-1])) < 1e-9 * abs(float(ev[-1]))
+
+
+def test_bfloat16_model_eigenvalues_match_float64_reference() -> None:
+    # A bfloat16 model (products accurate to ~1e-2, accumulated in float32) against the dense
+    # float64 Hessian of the same weights: both ends, k = 2, tol at bfloat16's precision.
+    model, batch = mlp(dtype=torch.bfloat16), data(64)
+    ev = torch.linalg.eigvalsh(dense_hessian(model, ce, [batch], [64.0])).flip(0)
+
+    def ce_bf16(m: nn.Module, b: Batch) -> torch.Tensor:
+        return ce(m, (b[0].bfloat16(), b[1]))
+
+    res = hessian_eigenvalues(model, ce_bf16, batch, k=2, which="both", tol=1e-2)
+    assert res.eigenvalues.dtype == torch.float64 and bool(res.converged.all())
+    torch.testing.assert_close(res.eigenvalues, torch.cat([ev[:2], ev[-2:]]), rtol=1e-2, atol=0)
+
+
 def test_batch_sharpness_matches_dense() -> None:
     model, batch = bn_net(), data(20, d_in=4)
     H = dense_hessian(model, ce, [batch], [20.0], train=True)
