@@ -57,7 +57,13 @@ def replicate(module: ModuleT, *, share_parameters: bool) -> ModuleT:
 
 def rng_devices(tensors: Sequence[torch.Tensor] | Iterator[torch.Tensor]) -> list[int]:
     """CUDA device indices used by ``tensors`` (the generators a step on them may draw from)."""
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    return sorted(
+        {
+            t.device.index if t.device.index is not None else torch.cuda.current_device()
+            for t in tensors
+            if t.device.type == "cuda"
+        }
+    )
 
 
 @dataclass(frozen=True)

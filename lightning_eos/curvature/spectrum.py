@@ -11,6 +11,7 @@ Torch only: no Lightning import.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -385,6 +386,14 @@ def hutchinson_trace(
         assert isinstance(hz, torch.Tensor)
         vals.append(float(torch.dot(z.double(), hz.double())))
     t = torch.tensor(vals, dtype=torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        warnings.warn(
+            "hutchinson_trace: a Hessian-vector product was not finite (NaN/Inf in the loss or its "
+            "derivatives); the trace estimate is NaN.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        t = torch.full_like(t, math.nan)
     se = float(t.std() / math.sqrt(num_samples)) if num_samples > 1 else float("nan")
     return TraceEstimate(trace=float(t.mean()), std_error=se, num_samples=num_samples, num_hvps=op.num_hvps)
 

@@ -4,6 +4,7 @@ preconditioned sharpness, batch sharpness, Hutchinson trace, NaN and bad-input h
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -240,6 +241,9 @@ def test_nan_hessian_gives_nan_eigenvalues_and_warning() -> None:
     with pytest.warns(RuntimeWarning, match="non-finite"):
         res = hessian_eigenvalues(model, loss_fn, torch.ones(4, dtype=torch.float64), k=1)
     assert bool(torch.isnan(res.eigenvalues).all()) and not bool(res.converged.any())
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        est = hutchinson_trace(model, loss_fn, torch.ones(4, dtype=torch.float64), num_samples=3)
+    assert math.isnan(est.trace)
 
 
 def test_bad_arguments() -> None:
