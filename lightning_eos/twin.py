@@ -31,6 +31,7 @@ Gaps (all dimensionless):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -228,6 +229,7 @@ class TwinEngine:
             self._layer_index.append(keys.index(key) if key is not None else -1)
         self.layer_names = keys
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
         self.frozen = False
         self.steps = 0  # optimizer steps the twin has taken
         self.resyncs = 0
@@ -280,6 +282,24 @@ class TwinEngine:
         self.optimizer = copy.deepcopy(real_optimizer, memo)
         return self.optimizer
 
+    def attach_scaler(
+        self, real_scaler: torch.amp.GradScaler | None, state: Mapping[str, Any] | None = None
+    ) -> torch.amp.GradScaler | None:
+        """Give the twin its own ``GradScaler`` (fp16 mixed precision), cloned from ``real_scaler``.
+
+        The twin's scaler starts from the real one's present scale and growth tracker (or from
+        ``state``, a saved :meth:`torch.amp.GradScaler.state_dict`) and from then on decides by
+        itself: it backs off and skips a step when *the twin's* gradients overflow, exactly as the
+        real scaler does for the real ones. ``None`` (or a disabled scaler): no scaling.
+        """
+        if real_scaler is None or not real_scaler.is_enabled():
+            self.scaler = None
+            return None
+        device = getattr(real_scaler, "_device", "cuda")
+        self.scaler = torch.amp.GradScaler(device)
+        self.scaler.load_state_dict(dict(state) if state else real_scaler.state_dict())
+        return self.scaler
+
     def start(self) -> None:
         """Apply the initial perturbation and take the step-0 measurement."""
         if self.perturbation == "ulp":
@@ -292,8 +312,12 @@ class TwinEngine:
             )
         self.measure()
 
-    def resync(self, real_optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Copy the real weights, buffers and optimizer state into the twin and perturb again.
+    def resync(
+        self,
+        real_optimizer: torch.optim.Optimizer | None = None,
+        real_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        """Copy the real weights, buffers, optimizer and scaler state into the twin and perturb again.
 
         Used after the twin became non-finite. Measurements restart (step-0 reference, growth
         window); the history and the event list are kept.
@@ -305,6 +329,8 @@ class TwinEngine:
             self.attach_optimizer(real_optimizer)
         elif self.optimizer is not None:
             self.optimizer.state.clear()
+        if real_scaler is not None:
+            self.attach_scaler(real_scaler)  # else the twin keeps its own scaler (if any) as it is
         self.frozen = False
         self.nonfinite_step = None
         self._event_base = [None] * (len(self.layer_names) + 1)
@@ -320,22 +346,30 @@ class TwinEngine:
 
     def backward(
         self,
-        loss_fn: Callable[[nn.Module], torch.Tensor],
+        loss_fn: Callable[[nn.Module], torch.Tensor | None],
         rng: RngState | None = None,
         divide_by: int = 1,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Accumulate the twin's gradients of ``loss_fn(twin) / divide_by`` (one micro-batch).
 
         ``rng`` is the generator state captured before the real forward pass of the same
         micro-batch: the twin then draws the same dropout masks, and the global stream is left as
-        it was. Returns the (detached, undivided) loss.
+        it was. With a scaler attached (:meth:`attach_scaler`) the divided loss is scaled before the
+        backward pass, as Lightning's mixed-precision plugin does. Returns the (detached, undivided)
+        loss; a ``loss_fn`` that returns None (no loss for this micro-batch) gives None and no
+        backward pass.
         """
         self.sync_modes()
-        ctx = replay_rng(rng) if rng is not None else _null()
+        ctx = replay_rng(rng) if rng is not None else contextlib.nullcontext()
         with ctx, torch.enable_grad():
             loss = loss_fn(self.twin)
-            # Same op as Lightning's accumulation (``loss / N``, not in place) so bits agree.
-            (loss / divide_by).backward()
+            if loss is None:
+                return None
+            # Same ops as Lightning's accumulation (``loss / N``, not in place) so bits agree.
+            scaled = loss / divide_by
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
         return loss.detach()
 
     def twin_grads(self) -> Iterator[torch.Tensor]:
@@ -351,8 +385,13 @@ class TwinEngine:
         clip_algorithm: Literal["norm", "value"] = "norm",
         grad_transform: Callable[[list[torch.Tensor]], None] | None = None,
         loss: torch.Tensor | None = None,
+        skip_update: bool = False,
     ) -> None:
         """One twin optimizer step on the gradients in the twin's ``.grad``, then a measurement.
+
+        With a scaler attached the order is Lightning's: ``grad_transform`` (on the scaled
+        gradients, like DDP's all-reduce) → ``scaler.unscale_`` → clipping → ``scaler.step`` (skipped
+        by the twin's own scaler if the twin's gradients are not finite) → ``scaler.update``.
 
         Args:
             hparams: per param group, the hyper-parameters the real optimizer applied in this step
@@ -363,6 +402,9 @@ class TwinEngine:
             grad_transform: called with the list of twin gradients before clipping (the DDP
                 all-reduce goes here).
             loss: the twin's loss, only checked for finiteness.
+            skip_update: the real run made no update in this step although it counts as one
+                (Lightning under a ``GradScaler`` when the last ``training_step`` returned None):
+                the gradients are dropped, the step is counted and measured.
         """
         if self.optimizer is None:
             raise RuntimeError("call attach_optimizer() before step()")
@@ -377,21 +419,28 @@ class TwinEngine:
                 for key, value in applied.items():
                     if key != "params":
                         group[key] = value
+        scaler = self.scaler
+        if scaler is not None and not skip_update and not getattr(opt, "_step_supports_amp_scaling", False):
+            scaler.unscale_(opt)  # before clipping, as Lightning does (fused optimizers unscale in step)
         if clip_val is not None and clip_val > 0:
             params = [p for g in opt.param_groups for p in g["params"]]
             if clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, clip_value=clip_val)
             else:
                 torch.nn.utils.clip_grad_norm_(params, clip_val)
-        if self.perturbation == "rescale" and self.rescale_k != 1.0:
-            self._rescaled_step(opt)
-        else:
-            opt.step()
+        if not skip_update:
+            step_fn: Callable[[], Any] = opt.step if scaler is None else lambda: scaler.step(opt)
+            if self.perturbation == "rescale" and self.rescale_k != 1.0:
+                self._rescaled_step(opt, step_fn)
+            else:
+                step_fn()
+            if scaler is not None:
+                scaler.update()
         opt.zero_grad(set_to_none=True)
         self.steps += 1
         self.measure(loss)
 
-    def _rescaled_step(self, opt: torch.optim.Optimizer) -> None:
+    def _rescaled_step(self, opt: torch.optim.Optimizer, step_fn: Callable[[], Any]) -> None:
         """The paper's perturbation ``(k·lr)·(step/k)``, generically.
 
         Take the optimizer step with ``lr ← k·lr`` and then set ``p ← p_old + (p − p_old)/k``. For
@@ -409,7 +458,7 @@ class TwinEngine:
             for g in opt.param_groups:
                 g["lr"] = g["lr"] * k
             try:
-                opt.step()
+                step_fn()  # a step skipped by the scaler leaves p = p_old: the update below is 0
             finally:
                 for g, lr in zip(opt.param_groups, saved):
                     g["lr"] = lr
@@ -621,6 +670,7 @@ class TwinEngine:
         return {
             "twin": {k: v.detach().clone() for k, v in self.twin.state_dict().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "steps": self.steps,
             "resyncs": self.resyncs,
             "frozen": self.frozen,
@@ -634,11 +684,17 @@ class TwinEngine:
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, load_optimizer: bool = True) -> None:
-        """Restore :meth:`state_dict` (the optimizer part only if ``load_optimizer`` and attached)."""
+        """Restore :meth:`state_dict`.
+
+        The optimizer and scaler parts are restored only if ``load_optimizer`` and they are
+        attached; otherwise pass them to :meth:`attach_scaler` / ``optimizer.load_state_dict`` later.
+        """
         with torch.no_grad():
             self.twin.load_state_dict(state["twin"])
         if load_optimizer and state.get("optimizer") is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if load_optimizer and state.get("scaler") and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         self.steps = int(state["steps"])
         self.resyncs = int(state["resyncs"])
         self.frozen = bool(state["frozen"])
@@ -663,11 +719,3 @@ _BUFFERS = (
     "_first_nonfinite",
     "_max_gap",
 )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

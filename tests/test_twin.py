@@ -207,3 +207,45 @@ def test_nonfinite_is_recorded_once() -> None:
     engine.resync(opt)
     assert engine.read()["divergence"] > 0 and engine.resyncs == 1
     assert math.isfinite(engine.read()["divergence"])
+
+
+def test_twin_scaler_is_its_own_and_skips_on_its_own_overflow() -> None:
+    real = nn.Linear(3, 1)
+    opt = torch.optim.SGD(real.parameters(), lr=0.1)
+    real_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    engine = TwinEngine(real, perturbation="none")
+    engine.attach_optimizer(opt)
+    scaler = engine.attach_scaler(real_scaler)
+    assert scaler is not None and scaler is not real_scaler
+    assert scaler.state_dict() == real_scaler.state_dict()
+    engine.start()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m: nn.Module) -> torch.Tensor:
+        return m(x).square().mean()
+
+    engine.backward(loss_fn)
+    (unscaled,) = torch.autograd.grad(loss_fn(real), [real.weight])
+    assert torch.equal(engine.twin.weight.grad, 1024.0 * unscaled)  # backward on the scaled loss
+    before = [p.detach().clone() for p in engine.twin.parameters()]
+    engine.twin.weight.grad[0, 0] = math.inf  # the twin's gradients overflow, the real ones do not
+    engine.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.twin.parameters()))  # step skipped
+    assert scaler.get_scale() == 512.0 and real_scaler.get_scale() == 1024.0  # its own back-off
+    assert engine.record().get("nonfinite") is None and not engine.frozen  # not a non-finite twin
+    engine.backward(loss_fn)
+    engine.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, engine.twin.parameters()))  # stepped
+    assert scaler.get_scale() == 1024.0  # grew again (growth_interval=1)
+    # Checkpoint: the twin scaler's own state (plain numbers) is restored, not the real one's.
+    buf = io.BytesIO()
+    torch.save(engine.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    scaler.update(new_scale=8.0)
+    engine2 = TwinEngine(real, perturbation="none")
+    engine2.load_state_dict(saved)
+    restored = engine2.attach_scaler(torch.amp.GradScaler("cpu", init_scale=2.0), saved["scaler"])
+    assert restored is not None and restored.state_dict() == saved["scaler"]
+    assert restored.get_scale() == 1024.0
+    assert engine2.attach_scaler(None) is None and engine2.scaler is None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
@@ -160,14 +160,26 @@ class StepReplica:
             module.lr_schedulers = lr_schedulers
             module.clip_gradients = _noop
 
-    def training_loss(self, batch: Any, batch_idx: int = 0) -> torch.Tensor:
-        """Run the replica's ``training_step`` on ``batch`` and return its scalar loss."""
+    @overload
+    def training_loss(self, batch: Any, batch_idx: int = 0) -> torch.Tensor: ...
+
+    @overload
+    def training_loss(self, batch: Any, batch_idx: int = 0, *, allow_none: bool) -> torch.Tensor | None: ...
+
+    def training_loss(
+        self, batch: Any, batch_idx: int = 0, *, allow_none: bool = False
+    ) -> torch.Tensor | None:
+        """Run the replica's ``training_step`` on ``batch`` and return its scalar loss.
+
+        ``allow_none``: under automatic optimization a ``training_step`` that returns None (Lightning
+        then skips the backward) gives None instead of an error.
+        """
         self._captured.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             output = self.module.training_step(batch, batch_idx)
         if self.module.automatic_optimization:
-            return extract_loss(output)
+            return None if output is None and allow_none else extract_loss(output)
         if len(self._captured) <= self.optimizer_idx:
             raise ValueError(
                 f"training_step called manual_backward {len(self._captured)} time(s), so there is no "

@@ -17,7 +17,6 @@ isolated generator state.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import re
 from collections import deque
@@ -41,6 +40,7 @@ from lightning_eos.callbacks._lightning import (
     merge_custom_scalars,
     optimizer_index,
 )
+from lightning_eos.callbacks._validation import ArgCheck
 from lightning_eos.records import SharpnessRecord
 
 __all__ = ["SharpnessMonitor"]
@@ -48,54 +48,6 @@ __all__ = ["SharpnessMonitor"]
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 _STATE_VERSION = 1
-
-
-def _resolve_callable(value: Any, name: str) -> LossFn | None:
-    """Accept a callable or its dotted import path (what a YAML config holds)."""
-    if value is None or callable(value):
-        return value
-    if isinstance(value, str) and "." in value:
-        module_name, _, attr = value.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"{name}={value!r}: cannot import it ({err}).") from err
-    raise ValueError(
-        f"{name}={value!r} is not supported; accepted values: None, a callable (model, batch) -> scalar "
-        "loss, or its dotted import path."
-    )
-
-
-def _choice(name: str, value: Any, accepted: Sequence[Any]) -> None:
-    # Compare types too: 1 == True and 0 == False, but a YAML 1 is not a valid bool flag.
-    if not any(type(value) is type(a) and value == a for a in accepted):
-        raise ValueError(
-            f"{name}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}."
-        )
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        accepted = "a positive int" + (" or None" if allow_none else "")
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: {accepted}.")
-
-
-def _positive_float(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (value > 0 and math.isfinite(value))
-    ):
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: a finite float > 0.")
-
-
-def _check_prefix(value: Any) -> None:
-    if not isinstance(value, str) or not value or value.endswith("/"):
-        raise ValueError(
-            f"log_prefix={value!r} is not supported; accepted values: a non-empty str not ending in '/'."
-        )
 
 
 def _applied_bounds(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> list[float]:
@@ -187,29 +139,25 @@ class SharpnessMonitor(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _positive_int("every_n_steps", every_n_steps)
-        _choice("probe", probe, ("fixed", "current"))
-        _positive_int("probe_size", probe_size, allow_none=True)
-        _positive_int("probe_batch_size", probe_batch_size, allow_none=True)
-        _positive_int("k", k)
-        _choice("which", which, ("largest", "both"))
-        _choice("per_layer", per_layer, (True, False))
-        _choice("preconditioned", preconditioned, ("auto", True, False))
-        _positive_float("tol", tol)
-        _positive_int("max_iter", max_iter)
-        if isinstance(max_iter, int) and isinstance(k, int) and max_iter < k:
-            raise ValueError(f"max_iter={max_iter} is not supported; accepted values: an int ≥ k={k}.")
-        _choice("mode", mode, ("train", "eval"))
-        if isinstance(optimizer_idx, bool) or not isinstance(optimizer_idx, int) or optimizer_idx < 0:
-            raise ValueError(
-                f"optimizer_idx={optimizer_idx!r} is not supported; accepted values: an int ≥ 0."
-            )
-        _check_prefix(log_prefix)
-        _choice("batch_sharpness", batch_sharpness, (True, False))
-        _positive_int("batch_sharpness_window", batch_sharpness_window)
-        _positive_float("warn_ratio", warn_ratio)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r} is not supported; accepted values: an int.")
+        check = ArgCheck("SharpnessMonitor")
+        check.positive_int("every_n_steps", every_n_steps)
+        check.choice("probe", probe, ("fixed", "current"))
+        check.positive_int("probe_size", probe_size, allow_none=True)
+        check.positive_int("probe_batch_size", probe_batch_size, allow_none=True)
+        check.positive_int("k", k)
+        check.choice("which", which, ("largest", "both"))
+        check.flag("per_layer", per_layer)
+        check.choice("preconditioned", preconditioned, ("auto", True, False))
+        check.positive_float("tol", tol)
+        check.positive_int("max_iter", max_iter)
+        check.int_at_least("max_iter", max_iter, k, accepted=f"an int >= k={k}")
+        check.choice("mode", mode, ("train", "eval"))
+        check.int_at_least("optimizer_idx", optimizer_idx, 0)
+        check.log_prefix("log_prefix", log_prefix)
+        check.flag("batch_sharpness", batch_sharpness)
+        check.positive_int("batch_sharpness_window", batch_sharpness_window)
+        check.positive_float("warn_ratio", warn_ratio)
+        check.integer("seed", seed)
 
         self.every_n_steps = every_n_steps
         self.probe = probe
@@ -227,7 +175,7 @@ class SharpnessMonitor(Callback):
         self.batch_sharpness = batch_sharpness
         self.batch_sharpness_window = batch_sharpness_window
         self.warn_ratio = float(warn_ratio)
-        self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
+        self.loss_fn = check.callable_or_import_path("loss_fn", loss_fn, "(model, batch) -> scalar loss")
         self.seed = seed
 
         self.history: list[SharpnessRecord] = []

@@ -28,7 +28,8 @@ from lightning_eos.callbacks._lightning import (
     merge_custom_scalars,
     optimizer_index,
 )
-from lightning_eos.callbacks.sharpness import SharpnessMonitor, _check_prefix, _positive_int
+from lightning_eos.callbacks._validation import ArgCheck
+from lightning_eos.callbacks.sharpness import SharpnessMonitor
 
 __all__ = ["StabilityMonitor"]
 
@@ -51,10 +52,10 @@ class StabilityMonitor(Callback):
 
     def __init__(self, every_n_steps: int = 1, per_layer: bool = False, log_prefix: str = "eos") -> None:
         super().__init__()
-        _positive_int("every_n_steps", every_n_steps)
-        if not isinstance(per_layer, bool):
-            raise ValueError(f"per_layer={per_layer!r} is not supported; accepted values: True, False.")
-        _check_prefix(log_prefix)
+        check = ArgCheck("StabilityMonitor")
+        check.positive_int("every_n_steps", every_n_steps)
+        check.flag("per_layer", per_layer)
+        check.log_prefix("log_prefix", log_prefix)
         self.every_n_steps = every_n_steps
         self.per_layer = per_layer
         self.log_prefix = log_prefix

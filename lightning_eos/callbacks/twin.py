@@ -8,12 +8,15 @@ A thin Lightning adapter over :class:`lightning_eos.twin.TwinEngine`. Per traini
 * ``on_train_batch_end`` — the twin runs the user's own ``training_step`` (through
   :class:`~lightning_eos.callbacks._lightning.StepReplica`, logging silenced) on the same batch,
   replaying that generator state (same dropout masks) inside the trainer's precision context, and
-  back-propagates ``loss / accumulate_grad_batches`` as Lightning does. On real optimizer steps
-  only, its gradients are all-reduced (mean) under DDP, clipped like the real ones, and the twin's
-  optimizer steps with the applied hyper-parameters. The gap is measured on device; numbers reach
-  the host only every ``every_n_steps`` twin steps, when they are logged under ``twin/``.
+  back-propagates ``loss / accumulate_grad_batches`` as Lightning does (scaled by the twin's own
+  ``GradScaler`` under ``precision="16-mixed"``). On real optimizer steps only, its gradients are
+  all-reduced (mean) under DDP, unscaled (16-mixed), clipped like the real ones, and the twin's
+  optimizer steps with the applied hyper-parameters (through its scaler, which may skip the step).
+  The gap is measured on device; numbers reach the host only every ``every_n_steps`` twin steps,
+  when they are logged under ``twin/``.
 
-The real module, its gradients, its optimizer and the global RNG stream are never touched.
+The real module, its gradients, its optimizer, its scaler and the global RNG stream are never
+touched.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from lightning_eos.callbacks._lightning import (
     logging_step,
     merge_custom_scalars,
 )
+from lightning_eos.callbacks._validation import ArgCheck
 from lightning_eos.twin import TwinEngine, check_rescale_supported
 
 __all__ = ["TwinDivergence", "argmax_predict"]
@@ -49,6 +53,12 @@ def argmax_predict(module: nn.Module, batch: Any) -> torch.Tensor:
     """Default ``predict_fn``: class index ``argmax(-1)`` of ``module(x)``, ``x`` the batch's first item."""
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
     return module(x).argmax(-1)
+
+
+def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The real run's ``GradScaler`` (``precision="16-mixed"``), or None."""
+    plugin = trainer.precision_plugin
+    return plugin.scaler if isinstance(plugin, MixedPrecision) else None
 
 
 class TwinDivergence(Callback):
@@ -98,33 +108,23 @@ class TwinDivergence(Callback):
         predict_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         resync_on_nonfinite: bool = False,
     ) -> None:
-        def bad(name: str, value: Any, accepted: str) -> ValueError:
-            return ValueError(f"TwinDivergence({name}={value!r}): accepted values are {accepted}")
-
-        if perturbation not in ("ulp", "rescale", "none"):
-            raise bad("perturbation", perturbation, "'ulp', 'rescale', 'none'")
-        if params is not None and (
-            isinstance(params, str) or not all(isinstance(p, str) and p for p in params) or not params
-        ):
-            raise bad("params", params, "None or a non-empty list of parameter/module names")
-        if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise bad("fraction", fraction, "a float in (0, 1]")
-        if not isinstance(rescale_k, (int, float)) or not math.isfinite(rescale_k) or rescale_k <= 0:
-            raise bad("rescale_k", rescale_k, "a finite float > 0")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise bad("every_n_steps", every_n_steps, "an int >= 1")
-        if layers not in ("module", "parameter", "none"):
-            raise bad("layers", layers, "'module', 'parameter', 'none'")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise bad("window", window, "an int >= 2")
-        if not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise bad("threshold", threshold, "a float > 0")
-        if not isinstance(event_decades, (int, float)) or not event_decades > 0:
-            raise bad("event_decades", event_decades, "a float > 0")
-        if not isinstance(saturation_decades, (int, float)) or not saturation_decades > 0:
-            raise bad("saturation_decades", saturation_decades, "a float > 0")
-        if predict_fn is not None and not callable(predict_fn):
-            raise bad("predict_fn", predict_fn, "None or a callable (module, batch) -> labels")
+        check = ArgCheck("TwinDivergence")
+        check.choice("perturbation", perturbation, ("ulp", "rescale", "none"))
+        check.names("params", params, "parameter/module names")
+        check.unit_fraction("fraction", fraction)
+        check.flag("single_weight", single_weight)
+        check.integer("seed", seed)
+        check.positive_float("rescale_k", rescale_k)
+        check.positive_int("every_n_steps", every_n_steps)
+        check.choice("layers", layers, ("module", "parameter", "none"))
+        check.int_at_least("window", window, 2)
+        check.positive_float("threshold", threshold)
+        check.positive_float("event_decades", event_decades)
+        check.positive_float("saturation_decades", saturation_decades)
+        check.flag("d_metric", d_metric)
+        check.flag("validation", validation)
+        check.optional_callable("predict_fn", predict_fn, "(module, batch) -> labels")
+        check.flag("resync_on_nonfinite", resync_on_nonfinite)
         self.perturbation = perturbation
         self.params = list(params) if params is not None else None
         self.fraction = float(fraction)
@@ -146,6 +146,7 @@ class TwinDivergence(Callback):
         self._replica: StepReplica | None = None
         self._tracker = OptimizerStepTracker()
         self._rng: RngState | None = None
+        self._rng_devices: list[int] = []  # CUDA generators the real step draws from (set at fit start)
         self._pending: dict[str, Any] | None = None  # callback state loaded before on_fit_start
         self._val_real: StepReplica | None = None
         self._val_active = False
@@ -163,15 +164,9 @@ class TwinDivergence(Callback):
             )
         if len(trainer.optimizers) != 1:
             raise RuntimeError(f"TwinDivergence needs exactly one optimizer, got {len(trainer.optimizers)}")
-        plugin = trainer.precision_plugin
-        if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
-            raise RuntimeError(
-                "TwinDivergence does not support precision='16-mixed' (dynamic GradScaler: its skipped "
-                "steps cannot be replayed bitwise). Supported: '32-true', '64-true', 'bf16-mixed', "
-                "'bf16-true', '16-true'."
-            )
         if self.perturbation == "rescale":
             check_rescale_supported(trainer.optimizers[0])
+        self._rng_devices = rng_devices(pl_module.parameters())
         # Built here, not in setup: on resume the real weights are restored only after setup.
         self._replica = StepReplica(pl_module, trainer, share_parameters=False)
         self.engine = TwinEngine(
@@ -209,15 +204,20 @@ class TwinDivergence(Callback):
         if self.validation:
             from torchmetrics import MeanMetric
 
-            self._val_metrics = [MeanMetric().to(pl_module.device) for _ in range(3)]
+            # nan_strategy="disable": the default NaN check reads the device (a sync per batch).
+            self._val_metrics = [MeanMetric(nan_strategy="disable").to(pl_module.device) for _ in range(3)]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The real optimizer's state is restored between on_fit_start and here (resume order).
-        assert self.engine is not None
-        self.engine.attach_optimizer(trainer.optimizers[0])
-        if self._pending is not None and self._pending["engine"].get("optimizer") is not None:
-            assert self.engine.optimizer is not None
-            self.engine.optimizer.load_state_dict(self._pending["engine"]["optimizer"])
+        # The real optimizer's and scaler's states are restored between on_fit_start and here.
+        engine = self.engine
+        assert engine is not None
+        saved = self._pending["engine"] if self._pending is not None else {}
+        engine.attach_optimizer(trainer.optimizers[0])
+        if saved.get("optimizer") is not None:
+            assert engine.optimizer is not None
+            engine.optimizer.load_state_dict(saved["optimizer"])
+        # 16-mixed: the twin's own GradScaler, cloned from the real one (or its saved state).
+        engine.attach_scaler(_grad_scaler(trainer), saved.get("scaler"))
         self._pending = None
 
     # ---------------------------------------------------------------------------- training
@@ -226,7 +226,7 @@ class TwinDivergence(Callback):
     ) -> None:
         self._tracker.on_train_batch_start(trainer)
         if self.engine is not None and not self.engine.frozen:
-            self._rng = capture_rng(rng_devices(pl_module.parameters()))
+            self._rng = capture_rng(self._rng_devices)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -239,15 +239,15 @@ class TwinDivergence(Callback):
         engine, replica = self.engine, self._replica
         if engine is None or replica is None or engine.frozen:
             return
-        loss = None
-        if outputs is not None:  # training_step returned None: Lightning skipped the backward too
-            precision = trainer.precision_plugin
+        precision = trainer.precision_plugin
 
-            def twin_loss(module: nn.Module) -> torch.Tensor:
-                with precision.train_step_context():
-                    return replica.training_loss(batch, batch_idx)
+        def twin_loss(module: nn.Module) -> torch.Tensor | None:
+            # The real step's autocast (bf16/16-mixed); backward and scaling run outside it. A
+            # training_step returning None gets no backward, in the twin as in the real run.
+            with precision.train_step_context():
+                return replica.training_loss(batch, batch_idx, allow_none=True)
 
-            loss = engine.backward(twin_loss, self._rng, divide_by=trainer.accumulate_grad_batches)
+        loss = engine.backward(twin_loss, self._rng, divide_by=trainer.accumulate_grad_batches)
         if not self._tracker.stepped(trainer):
             return  # accumulation micro-batch: gradients accumulate in the twin like in the real one
         algorithm = trainer.gradient_clip_algorithm
@@ -257,6 +257,9 @@ class TwinDivergence(Callback):
             clip_algorithm="value" if algorithm is not None and algorithm.value == "value" else "norm",
             grad_transform=self._ddp_mean(trainer),
             loss=loss,
+            # Under a GradScaler Lightning makes no update when the last training_step returned None
+            # (its outputs are then empty).
+            skip_update=not outputs and engine.scaler is not None,
         )
         if engine.steps % self.every_n_steps == 0:
             self._record_and_log(trainer)
@@ -311,7 +314,7 @@ class TwinDivergence(Callback):
                 f"{r['first_step_nonfinite']}; the twin is {action}. The real training is unaffected."
             )
             if self.resync_on_nonfinite:
-                engine.resync(trainer.optimizers[0])
+                engine.resync(trainer.optimizers[0], _grad_scaler(trainer))
             else:
                 engine.frozen = True
         if engine.first_nonzero is not None and not self._warned_nondeterministic:
@@ -364,7 +367,7 @@ class TwinDivergence(Callback):
             m_copy.training = m_real.training
         extra = (dataloader_idx,) if len(trainer.num_val_batches) > 1 else ()
         disagree, loss_real, loss_twin = self._val_metrics
-        with isolated_rng(rng_devices(pl_module.parameters())), torch.no_grad():
+        with isolated_rng(self._rng_devices), torch.no_grad():
             with trainer.precision_plugin.val_step_context():
                 pred_real = self.predict_fn(real, batch)
                 pred_twin = self.predict_fn(twin, batch)

@@ -16,16 +16,7 @@ from lightning_eos.callbacks._lightning import (
     extract_loss,
     group_hparams,
 )
-
-
-def _trainer(**kw: Any) -> pl.Trainer:
-    return pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
+from tests.callbacks._helpers import make_trainer
 
 
 class CountingModel(BoringModel):
@@ -44,7 +35,7 @@ class CountingModel(BoringModel):
 
 def test_replica_loss_equals_real_loss_and_leaves_module_alone() -> None:
     model = CountingModel()
-    trainer = _trainer(max_steps=1)
+    trainer = make_trainer(max_steps=1)
     replica = StepReplica(model, trainer, share_parameters=True)
     batch = torch.randn(4, 32)
     loss = replica.training_loss(batch)
@@ -70,7 +61,7 @@ class ManualModel(BoringModel):
 
 def test_manual_optimization_replica_captures_loss_without_stepping() -> None:
     model = ManualModel()
-    trainer = _trainer(max_steps=1)
+    trainer = make_trainer(max_steps=1)
     trainer.fit(model)
     weights = [p.detach().clone() for p in model.parameters()]
     replica = StepReplica(model, trainer, share_parameters=True)
@@ -118,7 +109,7 @@ class StepScheduled(BoringModel):
 
 def test_tracker_reads_applied_lr_and_real_steps_under_accumulation() -> None:
     cb = Tracker()
-    _trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[cb]).fit(StepScheduled())
+    make_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[cb]).fit(StepScheduled())
     assert cb.stepped[:6] == [False, True] * 3
     assert cb.applied_lrs == pytest.approx([0.1, 0.05, 0.025])
     assert cb.live_lrs == pytest.approx([0.05, 0.025, 0.0125])  # already the next step's
@@ -139,4 +130,4 @@ def test_sharded_strategies_are_refused() -> None:
 
     with pytest.raises(RuntimeError, match="FSDPStrategy"):
         check_supported_strategy(Fake(), "SharpnessMonitor")  # type: ignore[arg-type]
-    check_supported_strategy(_trainer(max_steps=1), "SharpnessMonitor")
+    check_supported_strategy(make_trainer(max_steps=1), "SharpnessMonitor")

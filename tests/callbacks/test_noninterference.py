@@ -3,7 +3,7 @@
 Compared: weights, optimizer state, BatchNorm statistics, the dropout RNG stream (the global generator
 state after training) and the training metrics the module logs. Deterministic CPU runs, several
 epochs, dropout + BatchNorm, gradient accumulation, momentum and a step scheduler; then Lightning's
-own demo module, bf16-mixed and manual optimization.
+own demo module, bf16-mixed, fp16-mixed with a GradScaler and manual optimization.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor
 from lightning_eos.demos.digits import load_digits_tensors
-from tests.callbacks.test_sharpness import MemoryLogger, make_trainer, quiet_fit
+from tests.callbacks._helpers import MemoryLogger, fp16_mixed, make_trainer, quiet_fit
 
 
 class DropoutBatchNormNet(pl.LightningModule):
@@ -74,6 +74,9 @@ def _run(
         "next_random": torch.rand(4),  # the stream continues identically
         "metrics": [(s, m) for s, m in (_without_eos(s, m) for s, m in logger.logged) if m],
         "global_step": trainer.global_step,
+        "scaler": scaler.state_dict()
+        if (scaler := getattr(trainer.precision_plugin, "scaler", None))
+        else None,
     }
 
 
@@ -93,6 +96,7 @@ def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb["state"][idx][name])), (idx, name)
     assert torch.equal(a["rng"], b["rng"]) and torch.equal(a["next_random"], b["next_random"])
     assert a["metrics"] == b["metrics"]
+    assert a["scaler"] == b["scaler"]  # fp16-mixed: the real GradScaler took the same decisions
 
 
 def _monitors(**kw: Any) -> list[pl.Callback]:
@@ -148,15 +152,28 @@ class AutocastProbe(DropoutBatchNormNet):
         return super().training_step(batch, batch_idx)
 
 
-def test_bf16_mixed_probe_runs_in_float32_and_does_not_interfere() -> None:
-    kw = {"max_steps": 4, "precision": "bf16-mixed"}
+def _mixed(precision: str) -> dict[str, Any]:
+    """Trainer arguments for bf16-mixed, or for fp16-mixed with a (fresh) dynamic GradScaler on CPU."""
+    if precision == "bf16-mixed":
+        return {"precision": "bf16-mixed"}
+    # init_scale 2^22 overflows the fp16 backward at first: skipped steps and back-off are included.
+    return {"plugins": [fp16_mixed(init_scale=2.0**22, growth_interval=3)]}
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)]
+)
+def test_mixed_precision_probe_runs_in_float32_and_does_not_interfere(
+    precision: str, dtype: torch.dtype
+) -> None:
+    kw = {"max_steps": 4}
     plain_model = AutocastProbe()
-    plain = _run(plain_model, [], **kw)
+    plain = _run(plain_model, [], **kw, **_mixed(precision))
     monitor = SharpnessMonitor(every_n_steps=1, probe="current")
     watched_model = AutocastProbe()
-    watched = _run(watched_model, [monitor], **kw)
+    watched = _run(watched_model, [monitor, StabilityMonitor()], **kw, **_mixed(precision))
     _assert_identical(plain, watched)
-    assert all(seen == (True, torch.bfloat16) for seen in plain_model.seen)  # the real steps: bf16
+    assert all(seen == (True, dtype) for seen in plain_model.seen)  # the real steps: autocast
     assert len(monitor.history) == 4 and all(r.finite for r in monitor.history)
     # The replicas' seen-lists are private copies; check the probe context directly instead.
     probe_seen: list[tuple[bool, torch.dtype]] = []
@@ -168,8 +185,18 @@ def test_bf16_mixed_probe_runs_in_float32_and_does_not_interfere() -> None:
         return nn.functional.cross_entropy(out, y)
 
     check = SharpnessMonitor(every_n_steps=1, probe="current", loss_fn=recording_loss)
-    _run(AutocastProbe(), [check], max_steps=1, precision="bf16-mixed")
+    _run(AutocastProbe(), [check], max_steps=1, **_mixed(precision))
     assert probe_seen and all(seen == (False, torch.float32) for seen in probe_seen)
+
+
+def test_fp16_mixed_with_accumulation_and_fixed_probe_does_not_interfere() -> None:
+    kw = {"max_epochs": 2, "accumulate_grad_batches": 2}
+    plain = _run(DropoutBatchNormNet(), [], **kw, **_mixed("16-mixed"))
+    monitors = _monitors()
+    watched = _run(DropoutBatchNormNet(), monitors, **kw, **_mixed("16-mixed"))
+    _assert_identical(plain, watched)
+    assert plain["scaler"]["scale"] < 2.0**22  # steps were skipped and the scale backed off
+    assert len(monitors[0].history) == 8 and all(r.finite for r in monitors[0].history)
 
 
 class ManualBoring(BoringModel):

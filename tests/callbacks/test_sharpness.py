@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,66 +12,19 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_eos import curvature
 from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor
 from lightning_eos.demos.digits import DigitsDataModule, DigitsMLP, load_digits_tensors
 from lightning_eos.records import SharpnessRecord
+from tests.callbacks._helpers import MemoryLogger, free_port, make_trainer, quiet_fit
 
 # --------------------------------------------------------------------------------------- helpers
 
 
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call: ``(step, {key: value})``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def series(self, key: str) -> list[tuple[int | None, float]]:
-        return [(step, m[key]) for step, m in self.logged if key in m]
-
-
-def make_trainer(**kw: Any) -> pl.Trainer:
-    kw.setdefault("logger", False)
-    kw.setdefault("devices", 1)
-    return pl.Trainer(
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **kw,
-    )
-
-
 def digits_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     return model.loss(batch)  # type: ignore[operator]
-
-
-def quiet_fit(trainer: pl.Trainer, model: pl.LightningModule, data: Any = None, **kw: Any) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, data, **kw)
 
 
 # --------------------------------------------------------------------------------------- arguments
@@ -364,12 +316,6 @@ class DumpHistory(pl.Callback):
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ddp_run(tmp: Path, **trainer_kw: Any) -> None:
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=96, probe_batch_size=32, tol=1e-7, max_iter=200)
     trainer = make_trainer(max_steps=2, callbacks=[monitor, DumpHistory(str(tmp))], **trainer_kw)
@@ -378,7 +324,7 @@ def _ddp_run(tmp: Path, **trainer_kw: Any) -> None:
 
 @pytest.mark.ddp
 def test_ddp_two_processes_equal_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()

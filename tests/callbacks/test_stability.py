@@ -10,13 +10,8 @@ import torch
 from lightning_eos import curvature
 from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor
 from lightning_eos.demos.digits import DigitsDataModule, DigitsMLP
-from tests.callbacks.test_sharpness import (
-    MemoryLogger,
-    StepScheduledMLP,
-    digits_loss,
-    make_trainer,
-    quiet_fit,
-)
+from tests.callbacks._helpers import MemoryLogger, make_trainer, quiet_fit
+from tests.callbacks.test_sharpness import StepScheduledMLP, digits_loss
 
 
 @pytest.mark.parametrize(
@@ -32,6 +27,22 @@ from tests.callbacks.test_sharpness import (
 def test_every_bad_argument_raises(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=rf"{name}.*accepted values"):
         StabilityMonitor(**kwargs)
+
+
+def test_argument_errors_name_the_callbacks() -> None:
+    # One validator module for all three callbacks: one message format.
+    with pytest.raises(
+        ValueError,
+        match=r"^StabilityMonitor: every_n_steps=0 is not supported; accepted values: a positive int\.$",
+    ):
+        StabilityMonitor(every_n_steps=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^SharpnessMonitor: every_n_steps=0 is not supported; accepted values: a positive int\.$",
+    ):
+        SharpnessMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match=r"^SharpnessMonitor: max_iter=2 .* an int >= k=3\.$"):
+        SharpnessMonitor(k=3, max_iter=2)
 
 
 def test_applied_lr_every_step_under_a_step_scheduler() -> None:

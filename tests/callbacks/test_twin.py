@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -13,49 +13,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_eos
 from lightning_eos.callbacks.twin import TwinDivergence
 from lightning_eos.demos import DigitsDataModule, DigitsMLP
-
-
-def _trainer(**kw: Any) -> pl.Trainer:
-    kw.setdefault("logger", False)
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=kw.pop("devices", 1),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
-
-
-class ListLogger(Logger):
-    """Keeps every ``log_metrics`` call in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "list"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-    def keys(self) -> set[str]:
-        return {k for _, m in self.calls for k in m}
+from tests.callbacks._helpers import MemoryLogger, fp16_mixed, free_port, make_trainer
 
 
 class Net(pl.LightningModule):
@@ -107,7 +71,9 @@ class Net(pl.LightningModule):
 def test_none_perturbation_is_exactly_zero_every_step() -> None:
     model = Net(dropout=0.3)
     twin = TwinDivergence(perturbation="none", every_n_steps=1, layers="parameter")
-    trainer = _trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=[twin])
+    trainer = make_trainer(
+        validation=True, max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=[twin]
+    )
     trainer.fit(model)
     assert twin.engine is not None and twin.engine.steps == 8
     assert len(twin.history) == 9  # step 0 + every step
@@ -128,7 +94,7 @@ def test_none_perturbation_is_exactly_zero_every_step() -> None:
 @pytest.mark.parametrize("k", [1.0, 3.0])
 def test_rescale_through_trainer(k: float) -> None:
     twin = TwinDivergence(perturbation="rescale", rescale_k=k, every_n_steps=1, validation=False)
-    _trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[twin]).fit(Net(dropout=0.3))
+    make_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[twin]).fit(Net(dropout=0.3))
     gaps = [r["divergence"] for r in twin.history]
     assert gaps[0] == 0.0  # identical start
     if k == 1.0:
@@ -140,18 +106,31 @@ def test_rescale_through_trainer(k: float) -> None:
         assert 0.0 < gaps[1] < 1e-7
 
 
-def _fit_state(callbacks: list[pl.Callback]) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
+def _fit_state(
+    callbacks: list[pl.Callback], **kw: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
     pl.seed_everything(0, verbose=False)
     model = Net(dropout=0.3, shuffle=True)
-    trainer = _trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=callbacks)
+    trainer = make_trainer(
+        validation=True,
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        callbacks=callbacks,
+        **kw,
+    )
     trainer.fit(model)
     return model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state()
 
 
-def test_real_run_is_bitwise_unaffected() -> None:
-    weights_a, opt_a, rng_a = _fit_state([])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "fp16-mixed"])
+def test_real_run_is_bitwise_unaffected(amp: bool) -> None:
+    kw: dict[str, Any] = {"plugins": [fp16_mixed(init_scale=2.0**22, growth_interval=3)]} if amp else {}
+    weights_a, opt_a, rng_a = _fit_state([], **kw)
     twin = TwinDivergence(every_n_steps=2)
-    weights_b, opt_b, rng_b = _fit_state([twin])
+    if amp:
+        kw = {"plugins": [fp16_mixed(init_scale=2.0**22, growth_interval=3)]}  # a fresh scaler
+    weights_b, opt_b, rng_b = _fit_state([twin], **kw)
     for k in weights_a:
         assert torch.equal(weights_a[k], weights_b[k]), k
     for i, st in opt_a["state"].items():
@@ -165,17 +144,17 @@ def test_real_run_is_bitwise_unaffected() -> None:
 def test_resume_continues_the_twin_trajectory_bitwise(tmp_path: Path) -> None:
     full = TwinDivergence(every_n_steps=2, layers="parameter")
     model = Net(dropout=0.0)
-    _trainer(max_epochs=2, callbacks=[full]).fit(model)
+    make_trainer(validation=True, max_epochs=2, callbacks=[full]).fit(model)
 
     first = TwinDivergence(every_n_steps=2, layers="parameter")
-    trainer = _trainer(max_epochs=1, callbacks=[first])
+    trainer = make_trainer(validation=True, max_epochs=1, callbacks=[first])
     trainer.fit(Net(dropout=0.0))
     ckpt = tmp_path / "half.ckpt"
     trainer.save_checkpoint(ckpt)
     torch.load(ckpt, weights_only=True)  # plain tensors and primitives only
 
     resumed = TwinDivergence(every_n_steps=2, layers="parameter")
-    _trainer(max_epochs=2, callbacks=[resumed]).fit(Net(dropout=0.0), ckpt_path=ckpt)
+    make_trainer(validation=True, max_epochs=2, callbacks=[resumed]).fit(Net(dropout=0.0), ckpt_path=ckpt)
     assert full.engine is not None and resumed.engine is not None
     assert resumed.engine.steps == full.engine.steps == 16
     for a, b in zip(full.engine.twin.state_dict().values(), resumed.engine.twin.state_dict().values()):
@@ -184,6 +163,157 @@ def test_resume_continues_the_twin_trajectory_bitwise(tmp_path: Path) -> None:
     assert repr([{k: r[k] for k in keep} for r in full.history]) == repr(
         [{k: r[k] for k in keep} for r in resumed.history]
     )
+
+
+class ScaleSpy(pl.Callback):
+    """Records the real GradScaler's scale after every batch."""
+
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())  # type: ignore[attr-defined]
+
+
+def test_fp16_mixed_none_is_exactly_zero_with_the_twins_own_scaler() -> None:
+    # init_scale 2^22 overflows the fp16 backward at first: the real scaler skips steps and backs
+    # off, growth_interval=3 makes it grow again. The twin's own scaler must take the same decisions.
+    plugin = fp16_mixed(init_scale=2.0**22, growth_interval=3)
+    model, spy = Net(dropout=0.3), ScaleSpy()
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, layers="parameter")
+    trainer = make_trainer(
+        validation=True,
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        plugins=[plugin],
+        callbacks=[twin, spy],
+    )
+    trainer.fit(model)
+    assert plugin.scaler is not None and twin.engine is not None
+    scaler = twin.engine.scaler
+    assert scaler is not None and scaler is not plugin.scaler
+    assert min(spy.scales) < 2.0**22 and spy.scales[-1] > min(spy.scales)  # backed off, grew again
+    assert scaler.state_dict() == plugin.scaler.state_dict()
+    assert len(twin.history) == 9
+    assert all(r["divergence"] == 0.0 and all(v == 0.0 for v in r["layers"].values()) for r in twin.history)
+    for (n, a), b in zip(model.state_dict().items(), twin.engine.twin.state_dict().values()):
+        assert torch.equal(a, b), n
+    real_state = trainer.optimizers[0].state_dict()["state"]
+    twin_state = twin.engine.optimizer.state_dict()["state"]  # type: ignore[union-attr]
+    for i in real_state:
+        for key in real_state[i]:
+            assert torch.equal(real_state[i][key], twin_state[i][key])
+    assert twin.summary()["deterministic"] is True
+
+
+class SkippingNet(Net):
+    """Returns None from training_step on every third batch (Lightning then makes no update)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx % 3 == 2 else loss
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "fp16-mixed"])
+def test_none_stays_zero_when_training_step_returns_none(amp: bool) -> None:
+    model = SkippingNet(dropout=0.3)
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
+    kw: dict[str, Any] = {"plugins": [fp16_mixed(init_scale=2.0**22, growth_interval=3)]} if amp else {}
+    make_trainer(max_epochs=1, gradient_clip_val=0.5, callbacks=[twin], **kw).fit(model)
+    assert twin.engine is not None and twin.engine.steps == 8
+    assert all(r["divergence"] == 0.0 for r in twin.history)
+    for a, b in zip(model.state_dict().values(), twin.engine.twin.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_fp16_mixed_ulp_runs_and_logs() -> None:
+    logger = MemoryLogger()
+    twin = TwinDivergence(every_n_steps=2, validation=False)
+    make_trainer(max_epochs=2, plugins=[fp16_mixed()], logger=logger, callbacks=[twin]).fit(Net(dropout=0.3))
+    gaps = [v for _, v in logger.series("twin/divergence")]
+    assert len(gaps) == 8 and all(0.0 < g < 1.0 for g in gaps)  # perturbed, finite (Adam amplifies)
+    assert twin.engine is not None and twin.engine.scaler is not None and not twin.engine.frozen
+
+
+def test_fp16_mixed_resume_continues_bitwise(tmp_path: Path) -> None:
+    def amp() -> list[Any]:
+        return [fp16_mixed(init_scale=2.0**22, growth_interval=3)]
+
+    full, full_model = TwinDivergence(every_n_steps=2, validation=False), Net(dropout=0.0)
+    make_trainer(max_epochs=2, plugins=amp(), callbacks=[full]).fit(full_model)
+    first = TwinDivergence(every_n_steps=2, validation=False)
+    trainer = make_trainer(max_epochs=1, plugins=amp(), callbacks=[first])
+    trainer.fit(Net(dropout=0.0))
+    ckpt = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in saved.items() if "TwinDivergence" in k]
+    assert state["engine"]["scaler"]["scale"] < 2.0**22  # the twin scaler's own, backed-off state
+    resumed, resumed_model = TwinDivergence(every_n_steps=2, validation=False), Net(dropout=0.0)
+    make_trainer(max_epochs=2, plugins=amp(), callbacks=[resumed]).fit(resumed_model, ckpt_path=ckpt)
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)  # the real run resumes bitwise (its scaler is in the checkpoint)
+    assert full.engine is not None and resumed.engine is not None
+    assert full.engine.scaler is not None and resumed.engine.scaler is not None
+    assert resumed.engine.scaler.state_dict() == full.engine.scaler.state_dict()
+    for a, b in zip(full.engine.twin.state_dict().values(), resumed.engine.twin.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["divergence"] for r in full.history] == [r["divergence"] for r in resumed.history]
+
+
+class HostReadCounter(TwinDivergence):
+    """Counts tensor-to-host reads (``item``, ``bool``, ``float``, ``tolist``...) made while the
+    callback handles a training batch, by the file that issued them (on CUDA each is a sync)."""
+
+    READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.reads: list[tuple[bool, list[str]]] = []  # (logged at this batch, callers)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        callers: list[str] = []
+        originals = {name: getattr(torch.Tensor, name) for name in self.READS}
+
+        def counting(name: str) -> Any:
+            def read(tensor: torch.Tensor, *a: Any, **k: Any) -> Any:
+                callers.append(traceback.extract_stack(limit=2)[0].filename)
+                return originals[name](tensor, *a, **k)
+
+            return read
+
+        steps = self.engine.steps if self.engine is not None else 0
+        try:
+            for name in self.READS:
+                setattr(torch.Tensor, name, counting(name))
+            super().on_train_batch_end(trainer, *args)
+        finally:
+            for name, fn in originals.items():
+                setattr(torch.Tensor, name, fn)
+        assert self.engine is not None
+        logged = self.engine.steps != steps and self.engine.steps % self.every_n_steps == 0
+        self.reads.append((logged, callers))
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "fp16-mixed"])
+def test_no_host_reads_on_steps_that_do_not_log(amp: bool) -> None:
+    counter = HostReadCounter(every_n_steps=4, d_metric=True, validation=False)
+    kw: dict[str, Any] = {"plugins": [fp16_mixed()]} if amp else {}
+    make_trainer(
+        max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=[counter], **kw
+    ).fit(Net(dropout=0.3))
+    quiet = [callers for logged, callers in counter.reads if not logged]
+    assert len(quiet) == 7 and len(counter.reads) == 8
+    package = os.path.dirname(lightning_eos.__file__)
+    for callers in quiet:
+        assert not [c for c in callers if package in c]  # nothing from lightning_eos itself
+        # What remains is torch's own: Adam's CPU step counters (never a device sync) and, under
+        # fp16-mixed, the twin GradScaler's found-inf check (one per step, as the real scaler's).
+        scaler_reads = [c for c in callers if c.endswith("grad_scaler.py")]
+        assert all(c.endswith(("optim/optimizer.py", "grad_scaler.py")) for c in callers)
+        assert len(scaler_reads) <= (1 if amp else 0)
+    assert any(package in c for _, callers in counter.reads if _ for c in callers)  # logging reads
 
 
 class Poisoner(pl.Callback):
@@ -201,17 +331,19 @@ class Poisoner(pl.Callback):
 @pytest.mark.parametrize("resync", [False, True])
 def test_nonfinite_twin_is_reported_once_and_real_run_untouched(resync: bool) -> None:
     twin = TwinDivergence(every_n_steps=2, resync_on_nonfinite=resync, validation=False)
-    logger = ListLogger()
+    logger = MemoryLogger()
     pl.seed_everything(0, verbose=False)
     model = Net(dropout=0.3)
     with pytest.warns(UserWarning, match="non-finite"):
-        _trainer(max_epochs=2, callbacks=[Poisoner(twin, at=3), twin], logger=logger).fit(model)
+        make_trainer(
+            validation=True, max_epochs=2, callbacks=[Poisoner(twin, at=3), twin], logger=logger
+        ).fit(model)
     pl.seed_everything(0, verbose=False)
     reference = Net(dropout=0.3)
-    _trainer(max_epochs=2).fit(reference)
+    make_trainer(validation=True, max_epochs=2).fit(reference)
     for a, b in zip(model.parameters(), reference.parameters()):
         assert torch.equal(a, b)
-    flagged = [step for step, m in logger.calls if "twin/nonfinite" in m]
+    flagged = [step for step, m in logger.logged if "twin/nonfinite" in m]
     assert len(flagged) == 1
     assert twin.engine is not None and twin.engine.nonfinite_step == (None if resync else 4)
     assert twin.engine.frozen is (not resync)
@@ -236,11 +368,27 @@ def test_nonfinite_twin_is_reported_once_and_real_run_untouched(resync: bool) ->
         ({"rescale_k": 0.0}, "rescale_k"),
         ({"event_decades": -1.0}, "event_decades"),
         ({"predict_fn": 3}, "predict_fn"),
+        ({"params": "layer"}, "params"),
+        ({"threshold": math.inf}, "threshold"),
+        ({"single_weight": 1}, "single_weight"),
+        ({"validation": "no"}, "validation"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=f"{name}=.*accepted"):
         TwinDivergence(**kwargs)
+
+
+def test_argument_errors_name_the_callback_the_argument_and_the_accepted_values() -> None:
+    with pytest.raises(
+        ValueError, match=r"^TwinDivergence: window=1 is not supported; accepted values: an int >= 2\.$"
+    ):
+        TwinDivergence(window=1)
+    with pytest.raises(
+        ValueError, match=r"^TwinDivergence: layers='block' .* 'module', 'parameter', 'none'\.$"
+    ):
+        TwinDivergence(layers="block")
 
 
 class RpropModel(BoringModel):
@@ -264,16 +412,21 @@ class ManualModel(BoringModel):
 
 def test_unsupported_setups_fail_at_setup() -> None:
     with pytest.raises(ValueError, match=r"rescale.*Rprop"):
-        _trainer(max_steps=1, callbacks=[TwinDivergence(perturbation="rescale")]).fit(RpropModel())
+        make_trainer(max_steps=1, callbacks=[TwinDivergence(perturbation="rescale")]).fit(RpropModel())
     with pytest.raises(RuntimeError, match="automatic optimization"):
-        _trainer(max_steps=1, callbacks=[TwinDivergence()]).fit(ManualModel())
+        make_trainer(max_steps=1, callbacks=[TwinDivergence()]).fit(ManualModel())
 
 
 def test_boring_model_logs_documented_keys() -> None:
-    logger = ListLogger()
+    logger = MemoryLogger()
     twin = TwinDivergence(every_n_steps=2, layers="parameter", d_metric=True)
-    trainer = _trainer(
-        max_epochs=1, limit_train_batches=6, limit_val_batches=3, logger=logger, callbacks=[twin]
+    trainer = make_trainer(
+        validation=True,
+        max_epochs=1,
+        limit_train_batches=6,
+        limit_val_batches=3,
+        logger=logger,
+        callbacks=[twin],
     )
     trainer.fit(BoringModel())
     keys = logger.keys()
@@ -298,7 +451,7 @@ def test_digits_below_vs_at_edge_of_stability() -> None:
     result = {}
     for lr in (0.05, 0.4):
         twin = TwinDivergence(every_n_steps=25, validation=False)
-        _trainer(max_steps=250, limit_val_batches=0, callbacks=[twin]).fit(
+        make_trainer(validation=True, max_steps=250, limit_val_batches=0, callbacks=[twin]).fit(
             DigitsMLP(lr=lr), DigitsDataModule()
         )
         result[lr] = twin.summary()
@@ -350,21 +503,15 @@ class DumpingTwin(TwinDivergence):
             Path(self.out).write_text(json.dumps([[r["divergence"], r["growth_rate"]] for r in self.history]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ddp
 def test_ddp_gap_equals_single_process_gap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     single = DumpingTwin(str(tmp_path / "single.json"), every_n_steps=5)
-    _trainer(max_steps=30, callbacks=[single]).fit(Regression())
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    make_trainer(max_steps=30, callbacks=[single]).fit(Regression())
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     out = tmp_path / "ddp.json"
     ddp = DumpingTwin(str(out), every_n_steps=5)
-    trainer = _trainer(
+    trainer = make_trainer(
         max_steps=30, devices=2, strategy="ddp_spawn", use_distributed_sampler=False, callbacks=[ddp]
     )
     trainer.fit(Regression())
