@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -94,9 +96,19 @@ def capture_rng(devices: Sequence[int] = ()) -> RngState:
 
 @contextlib.contextmanager
 def isolated_rng(devices: Sequence[int] = ()) -> Iterator[None]:
-    """Run a block whose random draws leave the global CPU/CUDA generator state unchanged."""
-    with torch.random.fork_rng(devices=list(devices), enabled=True):
-        yield
+    """Run a block whose random draws leave the global generator states unchanged.
+
+    Torch's CPU and CUDA generators, and also Python's ``random`` and numpy's global generator:
+    user code run by a replica or a probe (a dataset's ``__getitem__`` with augmentations, a
+    ``training_step``) may draw from those too.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 (the global stream)
+    try:
+        with torch.random.fork_rng(devices=list(devices), enabled=True):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
 
 
 @contextlib.contextmanager

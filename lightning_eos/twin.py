@@ -71,6 +71,18 @@ RESCALE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 )
 
 
+def _assign_hparam(current: Any, value: Any) -> Any:
+    """``value`` in the form the twin's group holds it: a tensor hyper-parameter (``lr=torch.tensor``)
+    stays a tensor, filled in place as torch's schedulers do, so the optimizer takes the same
+    code path (tensor arithmetic rounds differently from Python floats) as the real one."""
+    if isinstance(current, torch.Tensor) and not isinstance(value, torch.Tensor):
+        current.fill_(value)
+        return current
+    if isinstance(current, tuple) and isinstance(value, tuple) and len(current) == len(value):
+        return tuple(_assign_hparam(c, v) for c, v in zip(current, value))
+    return value
+
+
 def check_rescale_supported(optimizer: torch.optim.Optimizer) -> None:
     """Raise ``ValueError`` if ``perturbation="rescale"`` is undefined for ``optimizer``."""
     ok = isinstance(optimizer, RESCALE_OPTIMIZERS)
@@ -229,6 +241,7 @@ class TwinEngine:
             self._layer_index.append(keys.index(key) if key is not None else -1)
         self.layer_names = keys
         self.optimizer: torch.optim.Optimizer | None = None
+        self._real_optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.frozen = False
         self.steps = 0  # optimizer steps the twin has taken
@@ -280,6 +293,7 @@ class TwinEngine:
                     raise ValueError("the optimizer holds a parameter that is not in the real model")
                 memo[id(p)] = twin_of[p]
         self.optimizer = copy.deepcopy(real_optimizer, memo)
+        self._real_optimizer = real_optimizer
         return self.optimizer
 
     def attach_scaler(
@@ -340,9 +354,25 @@ class TwinEngine:
 
     # ------------------------------------------------------------------------------- stepping
     def sync_modes(self) -> None:
-        """Give every twin submodule the train/eval mode of its real counterpart."""
+        """Give every twin submodule the train/eval mode, and every twin parameter the
+        ``requires_grad`` flag, of its real counterpart (fine-tuning callbacks unfreeze layers)."""
         for m_real, m_twin in zip(self.real.modules(), self.twin.modules()):
             m_twin.training = m_real.training
+        for p_real, p_twin in zip(self._real_params, self._twin_params):
+            if p_twin.requires_grad != p_real.requires_grad:
+                p_twin.requires_grad_(p_real.requires_grad)
+
+    def _sync_param_groups(self) -> None:
+        """Give the twin's optimizer the param groups added to the real one since it was attached
+        (``add_param_group``, e.g. by Lightning's ``BaseFinetuning`` when it unfreezes a layer)."""
+        real_opt, opt = self._real_optimizer, self.optimizer
+        if real_opt is None or opt is None or len(real_opt.param_groups) <= len(opt.param_groups):
+            return
+        twin_of = dict(zip(self._real_params, self._twin_params))
+        for group in real_opt.param_groups[len(opt.param_groups) :]:
+            new = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            new["params"] = [twin_of[p] for p in group["params"]]
+            opt.add_param_group(new)
 
     def backward(
         self,
@@ -408,6 +438,7 @@ class TwinEngine:
         """
         if self.optimizer is None:
             raise RuntimeError("call attach_optimizer() before step()")
+        self._sync_param_groups()
         opt = self.optimizer
         if self.frozen:
             opt.zero_grad(set_to_none=True)
@@ -418,7 +449,7 @@ class TwinEngine:
             for group, applied in zip(opt.param_groups, hparams):
                 for key, value in applied.items():
                     if key != "params":
-                        group[key] = value
+                        group[key] = _assign_hparam(group.get(key), value)
         scaler = self.scaler
         if scaler is not None and not skip_update and not getattr(opt, "_step_supports_amp_scaling", False):
             scaler.unscale_(opt)  # before clipping, as Lightning does (fused optimizers unscale in step)

@@ -365,6 +365,8 @@ class SharpnessMonitor(Callback):
             for start in range(0, len(local), chunk):
                 part = local[start : start + chunk]
                 batch = collate([dataset[i] for i in part])
+                # As the training loop prepares a batch (e.g. float64 inputs under "64-true").
+                batch = trainer.precision_plugin.convert_input(batch)
                 batch = pl_module._on_before_batch_transfer(batch, 0)
                 batches.append(trainer.strategy.batch_to_device(batch))
                 weights.append(float(len(part)))  # sample counts; the engine normalizes globally
@@ -458,7 +460,11 @@ class SharpnessMonitor(Callback):
             lr = float(applied[0].get("lr", float("nan"))) if applied else float("nan")
         else:
             per_group = _applied_bounds(optimizer, applied)
-            binding = min(range(len(per_group)), key=lambda i: per_group[i])
+            # A group whose parameters are all frozen never moves: its LR bounds nothing.
+            trained = [
+                i for i, g in enumerate(optimizer.param_groups) if any(p.requires_grad for p in g["params"])
+            ] or list(range(len(per_group)))
+            binding = min(trained, key=lambda i: per_group[i])
             critical = per_group[binding]
             lr = float(applied[binding].get("lr", float("nan")))
             ratio = top / critical if critical > 0 else float("inf")

@@ -134,9 +134,24 @@ class StabilityMonitor(Callback):
                     )
                     continue
                 out[f"{p}/critical_sharpness/{tag}"] = critical
-                for param in optimizer.param_groups[j]["params"]:
-                    critical_of_param[id(param)] = critical
-                if last is not None and math.isfinite(last.sharpness):
+                # The threshold of the Adam family bounds λ(P⁻¹H): it is compared only with a
+                # sharpness of the same kind (block sharpness is always of H: no local CFL there).
+                preconditioned = bounds.preconditioned_for(optimizer)
+                if not preconditioned:
+                    for param in optimizer.param_groups[j]["params"]:
+                        critical_of_param[id(param)] = critical
+                elif self.per_layer:
+                    self._warn_once(
+                        f"cfl{idx}",
+                        "StabilityMonitor(per_layer=True): no local CFL number for "
+                        f"{type(optimizer).__name__}: its threshold bounds the preconditioned Hessian, "
+                        "block sharpness is of the Hessian.",
+                    )
+                if (
+                    last is not None
+                    and math.isfinite(last.sharpness)
+                    and last.preconditioned == preconditioned
+                ):
                     max_lr = float(bounds.max_stable_lr(last.sharpness, optimizer, group=group))
                     out[f"{p}/lr_margin/{tag}"] = lr / max_lr if max_lr > 0 else math.inf
         if self.per_layer:

@@ -153,6 +153,19 @@ class TwinDivergence(Callback):
         self._val_metrics: list[Any] = []
         self.validation_history: list[dict[str, Any]] = []
         self._warned_nondeterministic = False
+        self._predict_failed = False  # the default predict_fn does not fit this model's batches
+
+    @property
+    def state_key(self) -> str:
+        # Several twins (e.g. "ulp" next to a "none" determinism check) must not share checkpoint state.
+        return self._generate_state_key(
+            perturbation=self.perturbation,
+            params=self.params,
+            fraction=self.fraction,
+            single_weight=self.single_weight,
+            seed=self.seed,
+            rescale_k=self.rescale_k,
+        )
 
     # ------------------------------------------------------------------------------ set up
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -169,6 +182,7 @@ class TwinDivergence(Callback):
         self._rng_devices = rng_devices(pl_module.parameters())
         # Built here, not in setup: on resume the real weights are restored only after setup.
         self._replica = StepReplica(pl_module, trainer, share_parameters=False)
+        self._val_real = None  # a replica of this fit's module (the callback may be reused)
         self.engine = TwinEngine(
             pl_module,
             self._replica.module,
@@ -191,6 +205,7 @@ class TwinDivergence(Callback):
         else:
             self.engine.start()
             self.engine.record(trainer.global_step)
+            self.validation_history = []  # a new twin: its history starts over with the engine's
         merge_custom_scalars(
             trainer,
             {
@@ -367,13 +382,29 @@ class TwinDivergence(Callback):
             m_copy.training = m_real.training
         extra = (dataloader_idx,) if len(trainer.num_val_batches) > 1 else ()
         disagree, loss_real, loss_twin = self._val_metrics
+        pred_real = pred_twin = None
         with isolated_rng(self._rng_devices), torch.no_grad():
             with trainer.precision_plugin.val_step_context():
-                pred_real = self.predict_fn(real, batch)
-                pred_twin = self.predict_fn(twin, batch)
+                if not self._predict_failed:
+                    try:
+                        pred_real = self.predict_fn(real, batch)
+                        pred_twin = self.predict_fn(twin, batch)
+                    except Exception as err:
+                        if self.predict_fn is not argmax_predict:
+                            raise
+                        # The default guesses the input (first item of the batch) and the output
+                        # (logits): a dict batch or a model returning a structure breaks that. It
+                        # must not stop the user's training: measure the loss gap only.
+                        self._predict_failed = True
+                        rank_zero_warn(
+                            "TwinDivergence: the default predict_fn (argmax of module(batch[0])) failed "
+                            f"on this validation batch ({type(err).__name__}: {err}); twin/val_disagreement "
+                            "is not measured. Pass predict_fn=(module, batch) -> labels, or validation=False."
+                        )
                 out_real = real.validation_step(batch, batch_idx, *extra)
                 out_twin = twin.validation_step(batch, batch_idx, *extra)
-        disagree.update((pred_real != pred_twin).float())
+        if pred_real is not None and pred_twin is not None:
+            disagree.update((pred_real != pred_twin).float())
         try:
             loss_real.update(extract_loss(out_real).detach().float())
             loss_twin.update(extract_loss(out_twin).detach().float())
@@ -386,7 +417,9 @@ class TwinDivergence(Callback):
         self._val_active = False
         disagree, loss_real, loss_twin = self._val_metrics
         # compute() syncs across ranks (a collective): every rank gets here with the same updates.
-        metrics = {"twin/val_disagreement": float(disagree.compute())}
+        metrics: dict[str, float] = {}
+        if not self._predict_failed:
+            metrics["twin/val_disagreement"] = float(disagree.compute())
         if loss_real.update_count > 0:
             metrics["twin/val_loss_gap"] = abs(float(loss_twin.compute()) - float(loss_real.compute()))
         for m in self._val_metrics:

@@ -8,9 +8,11 @@ own demo module, bf16-mixed, fp16-mixed with a GradScaler and manual optimizatio
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -119,6 +121,36 @@ def test_bitwise_identical_with_dropout_batchnorm_accumulation() -> None:
     assert plain_model.calls == watched_model.calls == 24  # replicas never advanced the real counter
     assert len(monitors[0].history) == 12 and all(r.finite for r in monitors[0].history)
     assert monitors[0].history[0].layers.keys() == {"net.0", "net.1", "net.4"}  # BN has a block too
+
+
+class NumpyAugmented(torch.utils.data.Dataset):
+    """Digits with noise drawn from numpy's and Python's global generators (no worker processes)."""
+
+    def __init__(self) -> None:
+        self.x, self.y = load_digits_tensors(128)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = np.random.normal(scale=0.1, size=self.x.shape[1]) * random.random()  # noqa: NPY002
+        return self.x[i] + torch.as_tensor(noise, dtype=self.x.dtype), self.y[i]
+
+
+class NumpyAugmentedNet(DropoutBatchNormNet):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(NumpyAugmented(), batch_size=32, shuffle=True)
+
+
+def test_fixed_probe_does_not_consume_numpy_or_python_random_draws() -> None:
+    # Reading the fixed probe runs the dataset's __getitem__ in the main process: augmentations
+    # drawing from numpy / random must see the same stream as in a run without the monitor.
+    kw = {"max_epochs": 2}
+    plain = _run(NumpyAugmentedNet(), [], **kw)
+    plain_np = np.random.random()  # noqa: NPY002
+    watched = _run(NumpyAugmentedNet(), [SharpnessMonitor(every_n_steps=4, probe_size=32)], **kw)
+    assert np.random.random() == plain_np  # noqa: NPY002
+    _assert_identical(plain, watched)
 
 
 def test_bitwise_identical_with_current_probe_and_eval_mode() -> None:

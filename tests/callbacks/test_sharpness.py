@@ -197,6 +197,40 @@ def test_applied_lr_under_a_step_scheduler_with_accumulation() -> None:
         )
 
 
+def test_fixed_probe_is_converted_like_the_training_batches_under_64_true() -> None:
+    # precision="64-true" runs a float64 model on batches Lightning converts to float64: the fixed
+    # probe, collated from the same dataset, must be converted the same way.
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=100, tol=1e-9, max_iter=400)
+    model, data = DigitsMLP(lr=0.1), DigitsDataModule(200)
+    quiet_fit(make_trainer(max_steps=1, precision="64-true", callbacks=[monitor]), model, data)
+    last = monitor.last
+    assert last is not None and last.finite
+    x, y = load_digits_tensors(200)
+    idx = monitor.probe_indices
+    assert idx is not None
+    probe = (x[idx].double(), y[idx])
+    ref = curvature.hessian_eigenvalues(model, digits_loss, probe, tol=1e-9, max_iter=400)
+    assert last.sharpness == pytest.approx(float(ref.eigenvalues[0]), rel=1e-6)
+
+
+class FrozenGroupMLP(DigitsMLP):
+    """The first layer is frozen but still in the optimizer, in a group with a larger LR."""
+
+    def configure_optimizers(self) -> Any:
+        self.net[0].requires_grad_(False)
+        rest = [p for n, p in self.named_parameters() if not n.startswith("net.0.")]
+        return torch.optim.SGD([{"params": self.net[0].parameters(), "lr": 1.0}, {"params": rest, "lr": 0.1}])
+
+
+def test_a_frozen_param_group_is_not_the_binding_group() -> None:
+    # Nothing in the frozen group moves, so its LR bounds nothing: the threshold is the trained group's.
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=100)
+    quiet_fit(make_trainer(max_steps=2, callbacks=[monitor]), FrozenGroupMLP(), DigitsDataModule(200))
+    last = monitor.last
+    assert last is not None and last.binding_group == 1
+    assert last.lr == 0.1 and last.critical == pytest.approx(2 / 0.1)
+
+
 def test_batch_sharpness_window_average() -> None:
     monitor = SharpnessMonitor(every_n_steps=1, probe="current", batch_sharpness_window=2)
     quiet_fit(

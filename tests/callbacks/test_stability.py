@@ -162,3 +162,24 @@ def test_adam_is_preconditioned_with_its_threshold() -> None:
             DigitsMLP(lr=0.01, optimizer="adam"), DigitsDataModule(300)
         )
     assert plain.last is not None and not plain.last.preconditioned and plain.last.finite
+
+
+@pytest.mark.parametrize("preconditioned", ["auto", False])
+def test_adam_margin_and_cfl_never_mix_hessian_and_preconditioned_thresholds(
+    preconditioned: bool | str,
+) -> None:
+    # Adam's threshold bounds λ(P⁻¹H). Block sharpness (per layer) is of H, and so is the sharpness
+    # of a preconditioned=False monitor: dividing either by Adam's threshold is a wrong number.
+    sharp = SharpnessMonitor(every_n_steps=1, probe_size=100, per_layer=True, preconditioned=preconditioned)  # type: ignore[arg-type]
+    stab = StabilityMonitor(per_layer=True)
+    with pytest.warns(RuntimeWarning):
+        make_trainer(max_steps=2, callbacks=[sharp, stab]).fit(
+            DigitsMLP(lr=0.01, optimizer="adam"), DigitsDataModule(300)
+        )
+    assert sharp.last is not None and sharp.last.layers  # the blocks were measured
+    assert stab.last_metrics["eos/critical_sharpness/pg0"] == pytest.approx(38 / 0.01)
+    assert not [k for k in stab.last_metrics if k.startswith("eos/cfl/")]
+    if preconditioned == "auto":
+        assert stab.last_metrics["eos/lr_margin/pg0"] == pytest.approx(sharp.last.ratio)
+    else:
+        assert "eos/lr_margin/pg0" not in stab.last_metrics

@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -222,6 +223,103 @@ def test_none_stays_zero_when_training_step_returns_none(amp: bool) -> None:
     kw: dict[str, Any] = {"plugins": [fp16_mixed(init_scale=2.0**22, growth_interval=3)]} if amp else {}
     make_trainer(max_epochs=1, gradient_clip_val=0.5, callbacks=[twin], **kw).fit(model)
     assert twin.engine is not None and twin.engine.steps == 8
+    assert all(r["divergence"] == 0.0 for r in twin.history)
+    for a, b in zip(model.state_dict().values(), twin.engine.twin.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class TensorLrNet(Net):
+    """Adam with ``lr`` given as a tensor (the step scheduler then fills it in place)."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=torch.tensor(self.lr))
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_none_stays_zero_with_a_tensor_learning_rate() -> None:
+    # Tensor lr arithmetic in Adam rounds differently from a Python float: the twin must keep the
+    # tensor (filled with the applied value), not be handed a float, or "none" reports a false
+    # non-determinism as soon as the scheduler moves the LR.
+    model = TensorLrNet(dropout=0.3)
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
+    make_trainer(max_epochs=1, callbacks=[twin]).fit(model)
+    assert twin.engine is not None and twin.engine.steps == 8
+    assert all(r["divergence"] == 0.0 for r in twin.history)
+    assert twin.summary()["deterministic"] is True
+    assert isinstance(twin.engine.optimizer.param_groups[0]["lr"], torch.Tensor)
+
+
+class DictBatchNet(Net):
+    """Batches are dicts (``{"x": ..., "y": ...}``): the default predict_fn's ``module(batch[0])`` fails."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().validation_step((batch["x"], batch["y"]), batch_idx)
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = self.data.tensors
+        return DataLoader([{"x": a, "y": b} for a, b in zip(x, y)], batch_size=4)
+
+    def val_dataloader(self) -> DataLoader:
+        x, y = self.data.tensors
+        return DataLoader([{"x": a, "y": b} for a, b in zip(x, y)], batch_size=16)
+
+
+def test_default_predict_fn_that_does_not_fit_the_batch_warns_and_training_continues() -> None:
+    model = DictBatchNet(dropout=0.3)
+    twin = TwinDivergence(every_n_steps=2)
+    trainer = make_trainer(validation=True, max_epochs=2, callbacks=[twin])
+    with pytest.warns(UserWarning, match="predict_fn"):
+        trainer.fit(model)
+    assert trainer.global_step == 16 and twin.engine is not None and twin.engine.steps == 16
+    assert len(twin.validation_history) == 2
+    for rec in twin.validation_history:
+        assert "twin/val_disagreement" not in rec and rec["twin/val_loss_gap"] >= 0.0
+
+
+def test_callback_reused_for_a_second_fit_measures_the_new_model() -> None:
+    twin = TwinDivergence(perturbation="none", every_n_steps=4)
+    make_trainer(validation=True, max_epochs=1, callbacks=[twin]).fit(Net(dropout=0.0, lr=0.05))
+    make_trainer(validation=True, max_epochs=1, callbacks=[twin]).fit(Net(dropout=0.0, lr=0.2))
+    # An unperturbed twin of the *second* model: its validation loss equals the real one exactly.
+    assert len(twin.validation_history) == 1  # the second twin's validations only, like its history
+    assert twin.validation_history[-1]["twin/val_loss_gap"] == 0.0
+
+
+def test_two_twins_in_one_run_keep_separate_checkpoint_state(tmp_path: Path) -> None:
+    ulp, none = TwinDivergence(every_n_steps=2), TwinDivergence(perturbation="none", every_n_steps=2)
+    trainer = make_trainer(max_epochs=1, callbacks=[ulp, none])
+    trainer.fit(Net(dropout=0.3))
+    assert ulp.history[-1]["divergence"] > 0 and none.history[-1]["divergence"] == 0.0
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    saved = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
+    assert {k: v["engine"]["steps"] for k, v in saved.items()} == {ulp.state_key: 8, none.state_key: 8}
+
+
+class UnfreezeFirstLayer(BaseFinetuning):
+    """Lightning's fine-tuning pattern: frozen at the start, unfrozen (a new param group) at epoch 1."""
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(pl_module.net[0])
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Any) -> None:
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.net[0], optimizer, lr=0.01)
+
+
+class FrozenStartNet(Net):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+
+
+def test_none_stays_zero_when_a_finetuning_callback_unfreezes_a_layer() -> None:
+    model = FrozenStartNet(dropout=0.3)
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
+    make_trainer(max_epochs=2, callbacks=[UnfreezeFirstLayer(), twin]).fit(model)
+    assert twin.engine is not None and len(twin.engine.optimizer.param_groups) == 2
     assert all(r["divergence"] == 0.0 for r in twin.history)
     for a, b in zip(model.state_dict().values(), twin.engine.twin.state_dict().values()):
         assert torch.equal(a, b)
