@@ -22,6 +22,7 @@ touched.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -87,6 +88,8 @@ class TwinDivergence(Callback):
             (default :func:`argmax_predict`).
         resync_on_nonfinite: when the twin becomes NaN/Inf, copy the real model into it and
             perturb again (True) instead of freezing it (False).
+        log_prefix: prefix of every logged key (default ``twin``); give each of several twins in one
+            run its own.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class TwinDivergence(Callback):
         validation: bool = True,
         predict_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         resync_on_nonfinite: bool = False,
+        log_prefix: str = "twin",
     ) -> None:
         check = ArgCheck("TwinDivergence")
         check.choice("perturbation", perturbation, ("ulp", "rescale", "none"))
@@ -125,6 +129,7 @@ class TwinDivergence(Callback):
         check.flag("validation", validation)
         check.optional_callable("predict_fn", predict_fn, "(module, batch) -> labels")
         check.flag("resync_on_nonfinite", resync_on_nonfinite)
+        check.log_prefix("log_prefix", log_prefix)
         self.perturbation = perturbation
         self.params = list(params) if params is not None else None
         self.fraction = float(fraction)
@@ -141,6 +146,7 @@ class TwinDivergence(Callback):
         self.validation = bool(validation)
         self.predict_fn = predict_fn or argmax_predict
         self.resync_on_nonfinite = bool(resync_on_nonfinite)
+        self.log_prefix = log_prefix
 
         self.engine: TwinEngine | None = None
         self._replica: StepReplica | None = None
@@ -165,6 +171,7 @@ class TwinDivergence(Callback):
             single_weight=self.single_weight,
             seed=self.seed,
             rescale_k=self.rescale_k,
+            log_prefix=self.log_prefix,
         )
 
     # ------------------------------------------------------------------------------ set up
@@ -206,13 +213,14 @@ class TwinDivergence(Callback):
             self.engine.start()
             self.engine.record(trainer.global_step)
             self.validation_history = []  # a new twin: its history starts over with the engine's
+        p = re.escape(self.log_prefix)
         merge_custom_scalars(
             trainer,
             {
-                "Twin": {
-                    "divergence": ["Multiline", [r"twin/divergence(/.*)?$"]],
-                    "growth rate": ["Multiline", [r"twin/growth_rate(/.*)?$"]],
-                    "validation": ["Multiline", [r"twin/val_.*"]],
+                f"Twin ({self.log_prefix})" if self.log_prefix != "twin" else "Twin": {
+                    "divergence": ["Multiline", [rf"{p}/divergence(/.*)?$"]],
+                    "growth rate": ["Multiline", [rf"{p}/growth_rate(/.*)?$"]],
+                    "validation": ["Multiline", [rf"{p}/val_.*"]],
                 }
             },
         )
@@ -306,23 +314,24 @@ class TwinDivergence(Callback):
         assert engine is not None
         r = engine.record(trainer.global_step)
         metrics: dict[str, float] = {}
+        p = self.log_prefix
 
         def put(key: str, value: float) -> None:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 metrics[key] = float(value)
 
-        put("twin/divergence", r["divergence"])
+        put(f"{p}/divergence", r["divergence"])
         for layer, value in r["layers"].items():
-            put(f"twin/divergence/{layer}", value)
+            put(f"{p}/divergence/{layer}", value)
         if self.d_metric:
-            put("twin/d_metric", r["d_metric"])
-        put("twin/growth_rate", r["growth_rate"])
+            put(f"{p}/d_metric", r["d_metric"])
+        put(f"{p}/growth_rate", r["growth_rate"])
         for layer, value in r["layer_growth_rate"].items():
-            put(f"twin/growth_rate/{layer}", value)
-        put("twin/amplification", r["amplification"])
-        put("twin/restrained_instability", float(len(engine.events)))
+            put(f"{p}/growth_rate/{layer}", value)
+        put(f"{p}/amplification", r["amplification"])
+        put(f"{p}/restrained_instability", float(len(engine.events)))
         if r.get("nonfinite"):
-            metrics["twin/nonfinite"] = 1.0
+            metrics[f"{p}/nonfinite"] = 1.0
             action = "re-synced to the real model" if self.resync_on_nonfinite else "frozen"
             rank_zero_warn(
                 f"TwinDivergence: the twin's loss or weights became non-finite at twin step "
@@ -398,8 +407,9 @@ class TwinDivergence(Callback):
                         self._predict_failed = True
                         rank_zero_warn(
                             "TwinDivergence: the default predict_fn (argmax of module(batch[0])) failed "
-                            f"on this validation batch ({type(err).__name__}: {err}); twin/val_disagreement "
-                            "is not measured. Pass predict_fn=(module, batch) -> labels, or validation=False."
+                            f"on this validation batch ({type(err).__name__}: {err}); "
+                            f"{self.log_prefix}/val_disagreement is not measured. Pass "
+                            "predict_fn=(module, batch) -> labels, or validation=False."
                         )
                 out_real = real.validation_step(batch, batch_idx, *extra)
                 out_twin = twin.validation_step(batch, batch_idx, *extra)
@@ -419,9 +429,11 @@ class TwinDivergence(Callback):
         # compute() syncs across ranks (a collective): every rank gets here with the same updates.
         metrics: dict[str, float] = {}
         if not self._predict_failed:
-            metrics["twin/val_disagreement"] = float(disagree.compute())
+            metrics[f"{self.log_prefix}/val_disagreement"] = float(disagree.compute())
         if loss_real.update_count > 0:
-            metrics["twin/val_loss_gap"] = abs(float(loss_twin.compute()) - float(loss_real.compute()))
+            metrics[f"{self.log_prefix}/val_loss_gap"] = abs(
+                float(loss_twin.compute()) - float(loss_real.compute())
+            )
         for m in self._val_metrics:
             m.reset()
         self.validation_history.append({"global_step": trainer.global_step, **metrics})

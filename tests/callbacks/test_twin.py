@@ -290,10 +290,15 @@ def test_callback_reused_for_a_second_fit_measures_the_new_model() -> None:
 
 
 def test_two_twins_in_one_run_keep_separate_checkpoint_state(tmp_path: Path) -> None:
-    ulp, none = TwinDivergence(every_n_steps=2), TwinDivergence(perturbation="none", every_n_steps=2)
-    trainer = make_trainer(max_epochs=1, callbacks=[ulp, none])
+    ulp = TwinDivergence(every_n_steps=2)
+    none = TwinDivergence(perturbation="none", every_n_steps=2, log_prefix="determinism")
+    logger = MemoryLogger()
+    trainer = make_trainer(max_epochs=1, callbacks=[ulp, none], logger=logger)
     trainer.fit(Net(dropout=0.3))
     assert ulp.history[-1]["divergence"] > 0 and none.history[-1]["divergence"] == 0.0
+    # Each twin logs under its own prefix: neither overwrites the other's curve.
+    assert all(v > 0 for _, v in logger.series("twin/divergence"))
+    assert [v for _, v in logger.series("determinism/divergence")] == [0.0] * 4
     trainer.save_checkpoint(tmp_path / "two.ckpt")
     saved = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
     assert {k: v["engine"]["steps"] for k, v in saved.items()} == {ulp.state_key: 8, none.state_key: 8}
@@ -471,6 +476,7 @@ def test_nonfinite_twin_is_reported_once_and_real_run_untouched(resync: bool) ->
         ({"single_weight": 1}, "single_weight"),
         ({"validation": "no"}, "validation"),
         ({"seed": 1.5}, "seed"),
+        ({"log_prefix": "twin/"}, "log_prefix"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], name: str) -> None:
