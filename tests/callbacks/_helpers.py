@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
+from torch.multiprocessing import ProcessExitedException
 
 
 class MemoryLogger(Logger):
@@ -80,3 +83,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fit_ddp_spawn(fit: Callable[[], None], *results: Path) -> None:
+    """Run a ``strategy="ddp_spawn"`` fit whose workers write ``results`` files before they exit.
+
+    A spawned gloo worker sometimes aborts while its process group is torn down at interpreter exit
+    ("terminate called without an active exception", SIGABRT): seen on this 2-core host in 2 of 10
+    runs of a plain Lightning ``ddp_spawn`` fit with no lightning-eos callback attached. When every
+    result file was written, training had finished on every rank and the numbers under test are on
+    disk, so that abort is accepted; any other failure, or missing results, is raised.
+    """
+    try:
+        fit()
+    except ProcessExitedException as err:
+        if err.signal_name != "SIGABRT" or not all(path.exists() for path in results):
+            raise
+        warnings.warn(f"ddp_spawn worker aborted at teardown after writing its results: {err}", stacklevel=2)

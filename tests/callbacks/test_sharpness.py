@@ -18,7 +18,7 @@ from lightning_eos import curvature
 from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor
 from lightning_eos.demos.digits import DigitsDataModule, DigitsMLP, load_digits_tensors
 from lightning_eos.records import SharpnessRecord
-from tests.callbacks._helpers import MemoryLogger, free_port, make_trainer, quiet_fit
+from tests.callbacks._helpers import MemoryLogger, fit_ddp_spawn, free_port, make_trainer, quiet_fit
 
 # --------------------------------------------------------------------------------------- helpers
 
@@ -362,7 +362,10 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()
-    _ddp_run(tmp_path / "ddp", strategy="ddp_spawn", devices=2)
+    fit_ddp_spawn(
+        lambda: _ddp_run(tmp_path / "ddp", strategy="ddp_spawn", devices=2),
+        *(tmp_path / "ddp" / f"rank{r}.json" for r in (0, 1)),
+    )
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=96, probe_batch_size=32, tol=1e-7, max_iter=200)
     quiet_fit(
         make_trainer(max_steps=2, callbacks=[monitor]), DigitsMLP(lr=0.3), DigitsDataModule(n_samples=200)

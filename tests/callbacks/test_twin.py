@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_eos
 from lightning_eos.callbacks.twin import TwinDivergence
 from lightning_eos.demos import DigitsDataModule, DigitsMLP
-from tests.callbacks._helpers import MemoryLogger, fp16_mixed, free_port, make_trainer
+from tests.callbacks._helpers import MemoryLogger, fit_ddp_spawn, fp16_mixed, free_port, make_trainer
 
 
 class Net(pl.LightningModule):
@@ -618,7 +618,7 @@ def test_ddp_gap_equals_single_process_gap(tmp_path: Path, monkeypatch: pytest.M
     trainer = make_trainer(
         max_steps=30, devices=2, strategy="ddp_spawn", use_distributed_sampler=False, callbacks=[ddp]
     )
-    trainer.fit(Regression())
+    fit_ddp_spawn(lambda: trainer.fit(Regression()), out)
     single_rec = json.loads((tmp_path / "single.json").read_text())
     ddp_rec = json.loads(out.read_text())
     assert len(ddp_rec) == len(single_rec) == 7
