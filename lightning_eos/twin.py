@@ -35,7 +35,7 @@ import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -402,10 +402,9 @@ class TwinEngine:
             scaled.backward()
         return loss.detach()
 
-    def twin_grads(self) -> Iterator[torch.Tensor]:
-        for p in self._twin_params:
-            if p.grad is not None:
-                yield p.grad
+    def trainable_twin_params(self) -> list[torch.Tensor]:
+        """The twin's parameters that require gradients, in the real model's parameter order."""
+        return [p for p in self._twin_params if p.requires_grad]
 
     def step(
         self,
@@ -429,8 +428,8 @@ class TwinEngine:
                 into the twin's groups first, so any scheduler is followed.
             clip_val / clip_algorithm: the real run's gradient clipping (over all the optimizer's
                 parameters, as Lightning does it); ``None`` or ``<= 0``: none.
-            grad_transform: called with the list of twin gradients before clipping (the DDP
-                all-reduce goes here).
+            grad_transform: called with the twin's trainable parameters (``.grad`` may be None)
+                before clipping: the DDP all-reduce goes here, and may set or clear ``.grad``.
             loss: the twin's loss, only checked for finiteness.
             skip_update: the real run made no update in this step although it counts as one
                 (Lightning under a ``GradScaler`` when the last ``training_step`` returned None):
@@ -444,7 +443,7 @@ class TwinEngine:
             opt.zero_grad(set_to_none=True)
             return
         if grad_transform is not None:
-            grad_transform(list(self.twin_grads()))
+            grad_transform(self.trainable_twin_params())
         if hparams is not None:
             for group, applied in zip(opt.param_groups, hparams):
                 for key, value in applied.items():

@@ -289,23 +289,52 @@ class TwinDivergence(Callback):
 
     @staticmethod
     def _ddp_mean(trainer: pl.Trainer) -> Callable[[list[torch.Tensor]], None] | None:
-        """The twin's gradient all-reduce: divide by the world size, then sum, as DDP's reducer does."""
+        """The twin's gradient all-reduce: divide by the world size, then sum, as DDP's reducer does.
+
+        With ``find_unused_parameters=True`` a parameter may have no gradient on some rank: it takes
+        part with zeros, so every rank reduces the same tensors, and keeps ``.grad = None`` only if no
+        rank produced a gradient for it, as DDP's reducer does. Knowing that takes a host read of one
+        count per parameter, which DDP itself makes in that mode; without it (the default) every rank
+        has every gradient (DDP raises otherwise) and nothing is read.
+        """
         reduce = allreduce_sum(trainer)
         if reduce is None:
             return None
         world = trainer.world_size
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None) or {}
+        track_unused = bool(ddp_kwargs.get("find_unused_parameters", False))
 
-        def mean(grads: list[torch.Tensor]) -> None:
+        def mean(params: list[torch.Tensor]) -> None:
             by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-            for g in grads:
-                by_dtype.setdefault(g.dtype, []).append(g)
+            for p in params:
+                by_dtype.setdefault(p.dtype, []).append(p)
             for group in by_dtype.values():  # one collective per dtype, not per tensor
-                flat = torch.cat([g.reshape(-1) for g in group]).div_(world)
-                flat = reduce(flat)
+                if not track_unused:
+                    group = [p for p in group if p.grad is not None]
+                    if not group:
+                        continue
+                parts = [
+                    torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                    if p.grad is None
+                    else p.grad.reshape(-1) / world
+                    for p in group
+                ]
+                if track_unused:
+                    # One extra entry per parameter counts the ranks that produced a gradient for it.
+                    has_grad = [float(p.grad is not None) for p in group]
+                    parts.append(torch.tensor(has_grad, dtype=group[0].dtype, device=group[0].device))
+                flat = reduce(torch.cat(parts))
+                counts = flat[-len(group) :].tolist() if track_unused else [1.0] * len(group)
                 offset = 0
-                for g in group:
-                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
+                for p, count in zip(group, counts):
+                    chunk = flat[offset : offset + p.numel()].view_as(p)
+                    offset += p.numel()
+                    if count == 0:
+                        p.grad = None
+                    elif p.grad is None:
+                        p.grad = chunk.clone()
+                    else:
+                        p.grad.copy_(chunk)
 
         return mean
 

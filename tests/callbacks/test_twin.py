@@ -646,3 +646,44 @@ def test_lightning_cli_configures_the_callback() -> None:
     cli = LightningCLI(BoringModel, run=False, args=args)
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, TwinDivergence)]
     assert (cb.every_n_steps, cb.perturbation, cb.params) == (5, "rescale", ["layer"])
+
+
+class RankBranches(pl.LightningModule):
+    """Rank 0 trains only ``a``, rank 1 only ``b``; ``unused`` is never used on any rank. Under DDP
+    with ``find_unused_parameters=True`` every parameter lacks a gradient on some rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.a = nn.Linear(4, 1)
+        self.b = nn.Linear(4, 1)
+        self.unused = nn.Linear(4, 1)
+        self.x = torch.randn(16, 4, generator=g)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        branch = self.a if self.trainer.global_rank == 0 else self.b
+        return branch(x).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x), batch_size=8)
+
+
+@pytest.mark.ddp
+def test_ddp_lockstep_with_unused_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"none" stays exactly 0 when ranks use different parameters: the twin's all-reduce mirrors
+    DDP's (zeros for a rank's missing gradients; no gradient where no rank produced one)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    out = tmp_path / "ddp.json"
+    twin = DumpingTwin(str(out), perturbation="none", every_n_steps=1, validation=False)
+    strategy = DDPStrategy(start_method="spawn", find_unused_parameters=True)
+    trainer = make_trainer(max_steps=6, devices=2, strategy=strategy, callbacks=[twin])
+    fit_ddp_spawn(lambda: trainer.fit(RankBranches()), out)
+    gaps = [gap for gap, _ in json.loads(out.read_text())]
+    assert len(gaps) == 7 and all(gap == 0.0 for gap in gaps)
