@@ -22,7 +22,7 @@ import copy
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -70,14 +70,33 @@ def rng_devices(tensors: Sequence[torch.Tensor] | Iterator[torch.Tensor]) -> lis
 
 @dataclass(frozen=True)
 class RngState:
-    """The global generator state of the CPU and the given CUDA devices at one instant."""
+    """The global generator states at one instant: torch's CPU and CUDA ``devices`` generators, and
+    Python's ``random`` and numpy's global generator (user code may draw from those too)."""
 
     cpu: torch.Tensor
     cuda: dict[int, torch.Tensor] = field(default_factory=dict)
+    python: tuple[Any, ...] | None = None
+    numpy: tuple[Any, ...] | None = None
 
     def to_state_dict(self) -> dict[str, object]:
-        """Plain tensors and ints only, so checkpoints load with ``weights_only=True``."""
-        return {"cpu": self.cpu.clone(), "cuda": {int(k): v.clone() for k, v in self.cuda.items()}}
+        """Plain tensors, lists and numbers only, so checkpoints load with ``weights_only=True``."""
+        out: dict[str, object] = {
+            "cpu": self.cpu.clone(),
+            "cuda": {int(k): v.clone() for k, v in self.cuda.items()},
+        }
+        if self.python is not None:
+            version, internal, gauss = self.python
+            out["python"] = [int(version), list(internal), gauss]
+        if self.numpy is not None:
+            name, keys, pos, has_gauss, cached = self.numpy
+            out["numpy"] = [
+                str(name),
+                torch.as_tensor(keys.astype(np.int64)),
+                int(pos),
+                int(has_gauss),
+                float(cached),
+            ]
+        return out
 
     @classmethod
     def from_state_dict(cls, state: dict[str, object]) -> RngState:
@@ -85,13 +104,31 @@ class RngState:
         assert isinstance(cuda, dict)
         cpu = state["cpu"]
         assert isinstance(cpu, torch.Tensor)
-        return cls(cpu=cpu.clone(), cuda={int(k): v.clone() for k, v in cuda.items()})
+        python = state.get("python")
+        numpy_state = state.get("numpy")
+        return cls(
+            cpu=cpu.clone(),
+            cuda={int(k): v.clone() for k, v in cuda.items()},
+            python=None if python is None else (python[0], tuple(python[1]), python[2]),  # type: ignore[index]
+            numpy=None
+            if numpy_state is None
+            else (
+                numpy_state[0],  # type: ignore[index]
+                numpy_state[1].numpy().astype(np.uint32),  # type: ignore[index]
+                *numpy_state[2:],  # type: ignore[index]
+            ),
+        )
 
 
 def capture_rng(devices: Sequence[int] = ()) -> RngState:
-    """Snapshot the CPU generator and the generators of the CUDA ``devices``."""
+    """Snapshot every global generator a step may draw from (see :class:`RngState`)."""
     cuda = {d: torch.cuda.get_rng_state(d) for d in devices} if devices else {}
-    return RngState(cpu=torch.get_rng_state(), cuda=cuda)
+    return RngState(
+        cpu=torch.get_rng_state(),
+        cuda=cuda,
+        python=random.getstate(),
+        numpy=tuple(np.random.get_state()),  # noqa: NPY002 (the global stream is what user code uses)
+    )
 
 
 @contextlib.contextmanager
@@ -122,4 +159,8 @@ def replay_rng(state: RngState) -> Iterator[None]:
         torch.set_rng_state(state.cpu)
         for device, cuda_state in state.cuda.items():
             torch.cuda.set_rng_state(cuda_state, device)
+        if state.python is not None:
+            random.setstate(state.python)
+        if state.numpy is not None:
+            np.random.set_state(state.numpy)  # noqa: NPY002
         yield

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -48,15 +51,20 @@ def test_private_replica_owns_everything() -> None:
     assert not torch.equal(rep.lin.weight, real.lin.weight)
 
 
+def _draw() -> tuple[torch.Tensor, float, float]:
+    return torch.rand(4), random.random(), float(np.random.rand())  # noqa: NPY002 (the global stream)
+
+
 def test_replay_gives_the_same_draws_without_advancing_the_stream() -> None:
     torch.manual_seed(3)
     state = capture_rng()
-    real_draw = torch.rand(4)
-    after_real = torch.get_rng_state()
+    real_draw = _draw()
+    after_real = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()  # noqa: NPY002
     with replay_rng(state):
-        replica_draw = torch.rand(4)
-    assert torch.equal(real_draw, replica_draw)
-    assert torch.equal(torch.get_rng_state(), after_real)
+        replica_draw = _draw()
+    assert torch.equal(real_draw[0], replica_draw[0]) and real_draw[1:] == replica_draw[1:]
+    assert torch.equal(torch.get_rng_state(), after_real[0]) and random.getstate() == after_real[1]
+    assert (np.random.get_state()[1] == after_real[2]).all()  # noqa: NPY002
 
 
 def test_isolated_rng_restores_the_stream() -> None:
@@ -72,3 +80,8 @@ def test_rng_state_round_trips_through_plain_dicts(tmp_path) -> None:
     torch.save(state.to_state_dict(), path)
     loaded = RngState.from_state_dict(torch.load(path, weights_only=True))
     assert torch.equal(loaded.cpu, state.cpu)
+    with replay_rng(state):
+        want = _draw()
+    with replay_rng(loaded):
+        got = _draw()
+    assert torch.equal(want[0], got[0]) and want[1:] == got[1:]

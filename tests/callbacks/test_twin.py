@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import traceback
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
@@ -687,3 +689,20 @@ def test_ddp_lockstep_with_unused_parameters(tmp_path: Path, monkeypatch: pytest
     fit_ddp_spawn(lambda: trainer.fit(RankBranches()), out)
     gaps = [gap for gap, _ in json.loads(out.read_text())]
     assert len(gaps) == 7 and all(gap == 0.0 for gap in gaps)
+
+
+class HostNoise(Net):
+    """Input noise drawn from numpy's and Python's global generators inside ``training_step``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        noise = np.random.standard_normal(x.shape).astype("float32") * random.random()  # noqa: NPY002
+        return nn.functional.cross_entropy(self(x + torch.from_numpy(noise)), y)
+
+
+def test_none_stays_zero_with_numpy_and_python_random_in_training_step() -> None:
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
+    np.random.seed(0)  # noqa: NPY002
+    random.seed(0)
+    make_trainer(max_epochs=2, callbacks=[twin]).fit(HostNoise(dropout=0.3))
+    assert len(twin.history) == 17 and all(r["divergence"] == 0.0 for r in twin.history)
