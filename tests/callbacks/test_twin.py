@@ -676,7 +676,7 @@ class RankBranches(pl.LightningModule):
 
 @pytest.mark.ddp
 def test_ddp_lockstep_with_unused_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """"none" stays exactly 0 when ranks use different parameters: the twin's all-reduce mirrors
+    """ "none" stays exactly 0 when ranks use different parameters: the twin's all-reduce mirrors
     DDP's (zeros for a rank's missing gradients; no gradient where no rank produced one)."""
     from lightning.pytorch.strategies import DDPStrategy
 
