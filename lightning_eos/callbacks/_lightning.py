@@ -104,6 +104,38 @@ class _SilentScheduler:
         return None
 
 
+class _Silent:
+    """Takes any attribute access, call or index and does nothing: the replica's logger."""
+
+    def __getattr__(self, name: str) -> _Silent:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Silent:
+        return self
+
+    def __getitem__(self, key: Any) -> _Silent:
+        return self
+
+
+class _TrainerView:
+    """The trainer as a replica sees it: the real one's attributes to read, a logger that swallows
+    everything, and writes (``self.trainer.should_stop = True``, ...) that land on the view, never on
+    the real trainer.
+
+    A ``training_step`` that writes to ``self.logger.experiment`` (images every N batches, say) must
+    not do so from a probe or a twin, nor crash there.
+    """
+
+    logger = _Silent()
+    loggers: list[Any] = []  # noqa: RUF012 (read-only by intent: nothing appends to it)
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.__dict__["_real"] = trainer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_real"], name)
+
+
 class StepReplica:
     """The user's ``training_step`` evaluated on a replica of the LightningModule.
 
@@ -136,7 +168,7 @@ class StepReplica:
 
     def _install(self, trainer: Trainer) -> None:
         module = self.module
-        module._trainer = trainer  # reads only: log/print below are silenced
+        module._trainer = _TrainerView(trainer)  # type: ignore[assignment]  # reads only; no loggers
         for name in ("log", "log_dict", "print", "toggle_optimizer", "untoggle_optimizer"):
             setattr(module, name, _noop)
         if not module.automatic_optimization:

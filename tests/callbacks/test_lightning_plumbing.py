@@ -16,7 +16,7 @@ from lightning_eos.callbacks._lightning import (
     extract_loss,
     group_hparams,
 )
-from tests.callbacks._helpers import make_trainer
+from tests.callbacks._helpers import MemoryLogger, make_trainer
 
 
 class CountingModel(BoringModel):
@@ -131,3 +131,23 @@ def test_sharded_strategies_are_refused() -> None:
     with pytest.raises(RuntimeError, match="FSDPStrategy"):
         check_supported_strategy(Fake(), "SharpnessMonitor")  # type: ignore[arg-type]
     check_supported_strategy(make_trainer(max_steps=1), "SharpnessMonitor")
+
+
+class ExperimentWriter(BoringModel):
+    """Writes to the logger's experiment and to the trainer from training_step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.logger.experiment.add_scalar("written_by_step", 1.0, batch_idx)
+        self.logger.log_metrics({"direct": 1.0}, step=batch_idx)
+        self.trainer.should_stop = True
+        return super().training_step(batch, batch_idx)
+
+
+def test_replica_cannot_reach_the_real_logger_or_change_the_trainer() -> None:
+    logger = MemoryLogger()
+    trainer = make_trainer(max_steps=1, logger=logger)
+    model = ExperimentWriter()
+    replica = StepReplica(model, trainer, share_parameters=True)
+    replica.training_loss(torch.randn(4, 32))
+    assert logger.logged == [] and trainer.should_stop is False
+    assert replica.module.trainer.global_step == trainer.global_step  # reads still reach the trainer
