@@ -20,7 +20,7 @@ from lightning.pytorch.demos.transformer import LightningTransformer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor
+from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor, TwinDivergence
 from lightning_eos.demos.digits import load_digits_tensors
 from tests.callbacks._helpers import MemoryLogger, fp16_mixed, make_trainer, quiet_fit
 
@@ -74,7 +74,7 @@ def _run(
         "optimizer": opt.state_dict(),
         "rng": torch.get_rng_state(),
         "next_random": torch.rand(4),  # the stream continues identically
-        "metrics": [(s, m) for s, m in (_without_eos(s, m) for s, m in logger.logged) if m],
+        "metrics": [(s, m) for s, m in (_without_ours(s, m) for s, m in logger.logged) if m],
         "global_step": trainer.global_step,
         "scaler": scaler.state_dict()
         if (scaler := getattr(trainer.precision_plugin, "scaler", None))
@@ -82,8 +82,8 @@ def _run(
     }
 
 
-def _without_eos(step: int | None, metrics: dict[str, float]) -> tuple[int | None, dict[str, float]]:
-    return step, {k: v for k, v in metrics.items() if not k.startswith("eos/")}
+def _without_ours(step: int | None, metrics: dict[str, float]) -> tuple[int | None, dict[str, float]]:
+    return step, {k: v for k, v in metrics.items() if not k.startswith(("eos/", "twin/"))}
 
 
 def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -278,3 +278,19 @@ def test_bitwise_identical_on_lightnings_demo_transformer() -> None:
     watched = _run(TinyTextTransformer, monitors, **kw)
     _assert_identical(plain, watched)
     assert len(monitors[0].history) == 4 and all(r.finite for r in monitors[0].history)
+
+
+def test_all_callbacks_on_lightnings_demo_transformer_with_a_lockstep_twin() -> None:
+    """The three callbacks together on a module we did not write: the run is bitwise unchanged and a
+    ``perturbation="none"`` twin follows it exactly (dropout masks replayed, gradient accumulation)."""
+    kw = {"max_steps": 4, "accumulate_grad_batches": 2}
+    plain = _run(TinyTextTransformer, [], **kw)
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
+    callbacks = [
+        SharpnessMonitor(every_n_steps=2, probe_size=4, max_iter=20, tol=1e-2),
+        StabilityMonitor(),
+        twin,
+    ]
+    watched = _run(TinyTextTransformer, callbacks, **kw)
+    _assert_identical(plain, watched)
+    assert len(twin.history) == 5 and all(r["divergence"] == 0.0 for r in twin.history)
