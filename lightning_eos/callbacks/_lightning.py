@@ -15,7 +15,7 @@ The callbacks are thin adapters over the torch-only core; what they have in comm
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 import torch
@@ -243,12 +243,14 @@ def group_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 
 class OptimizerStepTracker:
-    """Real optimizer steps and the hyper-parameters they applied.
+    """Real optimizer steps and the hyper-parameters they applied, per training batch.
 
     Call :meth:`on_train_batch_start` and :meth:`on_before_optimizer_step` from the callback hooks
     of the same names; then in ``on_train_batch_end`` :meth:`stepped` says whether this batch ended
     with a real optimizer step (False on accumulation micro-batches), and :attr:`applied` holds, per
-    optimizer index, the param-group snapshot taken just before that optimizer's last update.
+    index of an optimizer that stepped during this batch, the param-group snapshot taken just before
+    its update (Lightning calls ``on_before_optimizer_step`` inside ``opt.step()`` under manual
+    optimization too).
     """
 
     def __init__(self) -> None:
@@ -257,10 +259,11 @@ class OptimizerStepTracker:
 
     def on_train_batch_start(self, trainer: Trainer) -> None:
         self._step_at_batch_start = trainer.global_step
+        self.applied = {}
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         idx = optimizer_index(trainer, optimizer)
-        self.applied[idx] = group_hparams(optimizer)
+        self.applied[idx] = group_hparams(getattr(optimizer, "optimizer", optimizer))
 
     def stepped(self, trainer: Trainer) -> bool:
         return trainer.global_step != self._step_at_batch_start
@@ -341,9 +344,3 @@ def allreduce_sum(trainer: Trainer) -> Callable[[torch.Tensor], torch.Tensor] | 
         return out
 
     return reduce
-
-
-def module_names(params: Sequence[torch.nn.Parameter], model: torch.nn.Module) -> list[str]:
-    """Names of ``params`` in ``model`` (for readable per-layer keys)."""
-    lookup = {id(p): n for n, p in model.named_parameters()}
-    return [lookup[id(p)] for p in params]

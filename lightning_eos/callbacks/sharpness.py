@@ -31,14 +31,13 @@ from torch.utils.data import IterableDataset
 from lightning_eos import bounds, curvature
 from lightning_eos._replica import isolated_rng, rng_devices
 from lightning_eos.callbacks._lightning import (
+    OptimizerStepTracker,
     StepReplica,
     allreduce_sum,
     check_supported_strategy,
-    group_hparams,
     log_metrics,
     logging_step,
     merge_custom_scalars,
-    optimizer_index,
 )
 from lightning_eos.callbacks._validation import ArgCheck
 from lightning_eos.records import SharpnessRecord
@@ -185,8 +184,7 @@ class SharpnessMonitor(Callback):
         self._batch_window: deque[float] = deque(maxlen=batch_sharpness_window)
         self._opt_steps = 0  # real steps of the monitored optimizer seen so far (resumable)
         self._warned = False
-        self._stepped = False  # the monitored optimizer stepped during the current batch
-        self._applied: list[dict[str, Any]] = []
+        self._tracker = OptimizerStepTracker()
         self._use_preconditioned = False
         self._compare = True  # whether the bounds threshold applies to what is measured
         self._notes: set[str] = set()
@@ -243,27 +241,25 @@ class SharpnessMonitor(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._stepped = False
+        self._tracker.on_train_batch_start(trainer)
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Called just before the update (inside opt.step() under manual optimization): the group
-        # values now are the ones this step applies; a step scheduler moves them before batch end.
-        if optimizer_index(trainer, optimizer) == self.optimizer_idx:
-            self._applied = group_hparams(getattr(optimizer, "optimizer", optimizer))
-            self._stepped = True
+        # The group values now are the ones this step applies; a step scheduler moves them before
+        # batch end.
+        self._tracker.on_before_optimizer_step(trainer, optimizer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._stepped:  # accumulation micro-batch, or the monitored optimizer did not step
+        applied = self._tracker.applied.get(self.optimizer_idx)
+        if applied is None:  # accumulation micro-batch, or the monitored optimizer did not step
             return
-        self._stepped = False
         self._opt_steps += 1
         if (self._opt_steps - 1) % self.every_n_steps != 0:
             return
-        record = self._measure(trainer, pl_module, batch)
+        record = self._measure(trainer, pl_module, batch, applied)
         self.history.append(record)
         log_metrics(trainer, self._metrics(record), step=record.log_step)
         if not self._warned and record.ratio > self.warn_ratio:
@@ -373,7 +369,9 @@ class SharpnessMonitor(Callback):
         self._probe_batches, self._probe_weights = batches, weights
 
     # ------------------------------------------------------------------ measurement
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> SharpnessRecord:
+    def _measure(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, applied: list[dict[str, Any]]
+    ) -> SharpnessRecord:
         optimizer = trainer.optimizers[self.optimizer_idx]
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         reduce = allreduce_sum(trainer)
@@ -385,7 +383,6 @@ class SharpnessMonitor(Callback):
         else:
             # The current batch of every rank: with the all-reduce this is the global batch.
             probe, weights = [batch], None
-        applied = self._applied or group_hparams(optimizer)
         device = params[0].device if params else torch.device("cpu")
         solver_kw: dict[str, Any] = dict(
             params=params, mode=self.mode, reduce=reduce, seed=self.seed, tol=self.tol, max_iter=self.max_iter

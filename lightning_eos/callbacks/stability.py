@@ -21,12 +21,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_eos import bounds
 from lightning_eos.callbacks._lightning import (
+    OptimizerStepTracker,
     check_supported_strategy,
-    group_hparams,
     log_metrics,
     logging_step,
     merge_custom_scalars,
-    optimizer_index,
 )
 from lightning_eos.callbacks._validation import ArgCheck
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
@@ -60,7 +59,7 @@ class StabilityMonitor(Callback):
         self.per_layer = per_layer
         self.log_prefix = log_prefix
         self.last_metrics: dict[str, float] = {}  # what the latest logged step logged
-        self._applied: dict[int, list[dict[str, Any]]] = {}  # optimizer index -> groups, this batch
+        self._tracker = OptimizerStepTracker()
         self._warned: set[str] = set()
 
     @property
@@ -83,21 +82,20 @@ class StabilityMonitor(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._applied = {}
+        self._tracker.on_train_batch_start(trainer)
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # The values this update applies; a step-interval scheduler changes them before batch end.
-        idx = optimizer_index(trainer, optimizer)
-        self._applied[idx] = group_hparams(getattr(optimizer, "optimizer", optimizer))
+        self._tracker.on_before_optimizer_step(trainer, optimizer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._applied:  # accumulation micro-batch: nothing was applied
+        applied = self._tracker.applied
+        if not applied:  # accumulation micro-batch: nothing was applied
             return
-        applied, self._applied = self._applied, {}
         if logging_step(trainer) % self.every_n_steps != 0:
             return
         metrics = self._metrics(trainer, pl_module, applied)
