@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_eos._replica import RngState, replay_rng, replicate
+from lightning_eos.isolation import RngState, replay_rng, replicate
 
 __all__ = [
     "RESCALE_OPTIMIZERS",

@@ -3,7 +3,7 @@
 The callbacks are thin adapters over the torch-only core; what they have in common lives here, once:
 
 * :class:`StepReplica` — run the user's own ``training_step`` on a replica of the LightningModule
-  (see :mod:`lightning_eos._replica`) with logging, printing and optimizer access silenced, and
+  (see :mod:`lightning_eos.isolation`) with logging, printing and optimizer access silenced, and
   return the loss it computes. Automatic and manual optimization are both handled.
 * :class:`OptimizerStepTracker` — tells real optimizer steps from accumulation micro-batches and
   records the hyper-parameters each optimizer *applied* (read in ``on_before_optimizer_step``: by
@@ -14,17 +14,20 @@ The callbacks are thin adapters over the torch-only core; what they have in comm
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, overload
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
-from lightning_eos._replica import replicate
+from lightning_eos.isolation import replicate
 
 __all__ = [
     "OptimizerStepTracker",
@@ -73,24 +76,27 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-class _SilentOptimizer:
+class _InertOptimizer(LightningOptimizer):
     """Stands in for a real optimizer inside a replica's manual-optimization ``training_step``.
 
-    Reads (``param_groups``, ``state``) go to the real optimizer; ``step`` only evaluates a closure
-    if one is given, ``zero_grad`` does nothing, so the replica never updates anything.
+    Built like Lightning's own wrapper (its class is a dynamic subclass of the real optimizer's
+    class), so user code that checks ``isinstance(opt, (Optimizer, LightningOptimizer))`` accepts it.
+    Reads (``param_groups``, ``state``, ``defaults``) go to the real optimizer; ``step`` only evaluates
+    a closure if one is given, ``zero_grad`` and ``toggle_model`` do nothing, so a replica never
+    updates, zeroes or toggles anything of the real run.
     """
 
-    def __init__(self, optimizer: Any) -> None:
-        self._optimizer = optimizer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._optimizer, name)
-
+    @override
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         return closure() if closure is not None else None
 
     def zero_grad(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+    @override
+    @contextlib.contextmanager
+    def toggle_model(self, sync_grad: bool = True) -> Iterator[None]:
+        yield
 
 
 class _SilentScheduler:
@@ -145,6 +151,9 @@ class StepReplica:
             ``self.current_epoch``) but cannot log through it.
         share_parameters: True for a probe (derivatives with respect to the real weights; private
             buffers and carried state), False for a twin (private weights too).
+        eager: evaluate the step as a second-order pass needs it (``torch.compile``'d submodules
+            replaced by their eager originals, gradient checkpointing off; see
+            :func:`lightning_eos.isolation.replicate`). For probes; a twin keeps the real execution.
         optimizer_idx: under manual optimization, which ``manual_backward`` call of the step holds
             the loss of interest (the n-th call, n = ``optimizer_idx``).
 
@@ -159,9 +168,10 @@ class StepReplica:
         trainer: Trainer,
         *,
         share_parameters: bool,
+        eager: bool = False,
         optimizer_idx: int = 0,
     ) -> None:
-        self.module = replicate(pl_module, share_parameters=share_parameters)
+        self.module = replicate(pl_module, share_parameters=share_parameters, eager=eager)
         self.optimizer_idx = optimizer_idx
         self._captured: list[torch.Tensor] = []
         self._install(trainer)
@@ -178,7 +188,7 @@ class StepReplica:
                 captured.append(loss)
 
             def optimizers(use_pl_optimizer: bool = True) -> Any:
-                opts = [_SilentOptimizer(o) for o in trainer.optimizers]
+                opts = [_InertOptimizer(o) for o in trainer.optimizers]
                 return opts[0] if len(opts) == 1 else opts
 
             def lr_schedulers() -> Any:
@@ -218,6 +228,17 @@ class StepReplica:
                 f"loss for optimizer_idx={self.optimizer_idx}. Pass loss_fn=... to the callback."
             )
         return self._captured[self.optimizer_idx]
+
+    def call_hook(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the replica's own LightningModule hook ``name`` (``on_train_epoch_end``, ...).
+
+        A module's hooks change the state it carries between steps (an RNN resets its hidden state
+        at epoch end, a curriculum moves on): a replica that trains alongside the real module must
+        receive them as the real module does. Logging inside them is silenced like in the step.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return getattr(self.module, name)(*args, **kwargs)
 
     def loss_fn(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """``loss_fn(model, batch)`` form for :class:`lightning_eos.curvature.HessianOperator`."""

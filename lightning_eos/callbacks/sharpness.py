@@ -20,7 +20,7 @@ import contextlib
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -29,7 +29,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
 from lightning_eos import bounds, curvature
-from lightning_eos._replica import isolated_rng, rng_devices
 from lightning_eos.callbacks._lightning import (
     OptimizerStepTracker,
     StepReplica,
@@ -40,6 +39,8 @@ from lightning_eos.callbacks._lightning import (
     merge_custom_scalars,
 )
 from lightning_eos.callbacks._validation import ArgCheck
+from lightning_eos.isolation import isolated_rng, rng_devices
+from lightning_eos.layers import layers
 from lightning_eos.records import SharpnessRecord
 
 __all__ = ["SharpnessMonitor"]
@@ -52,20 +53,6 @@ _STATE_VERSION = 1
 def _applied_bounds(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> list[float]:
     """Critical sharpness of every param group under the applied hyper-parameters ``groups``."""
     return [float(bounds.critical_sharpness(optimizer, group=g)) for g in groups]
-
-
-def _layers_of(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[str]:
-    """Paths of the modules that directly own trainable parameters, all of them among ``params``.
-
-    (The engine's notion of a layer, restricted to the monitored optimizer's parameters.)
-    """
-    wanted = {id(p) for p in params}
-    out = []
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and all(id(p) in wanted for p in own):
-            out.append(name)
-    return out
 
 
 @contextlib.contextmanager
@@ -399,7 +386,7 @@ class SharpnessMonitor(Callback):
                 # A new replica per evaluation: the state the module carries between steps is the
                 # real one's current state, and one solver's forward passes cannot leak into the next.
                 replica = StepReplica(
-                    pl_module, trainer, share_parameters=True, optimizer_idx=self.optimizer_idx
+                    pl_module, trainer, share_parameters=True, eager=True, optimizer_idx=self.optimizer_idx
                 )
                 return replica.module, self._loss(replica)
 
@@ -424,14 +411,14 @@ class SharpnessMonitor(Callback):
                     lam_min = eig[-1]
                     eig = eig[: self.k]
             top = eig[0] if eig else float("nan")
-            layers: dict[str, float] = {}
+            layer_values: dict[str, float] = {}
             if self.per_layer:
                 model, loss_fn = fresh()
                 kw = {k: v for k, v in solver_kw.items() if k != "params"}
-                names = _layers_of(model, params)
+                names = list(layers(model, params))
                 blocks = curvature.layerwise_eigenvalues(model, loss_fn, batches, k=1, layers=names, **kw)
                 for name, block in blocks.items():
-                    layers[name] = float(block.eigenvalues[0])
+                    layer_values[name] = float(block.eigenvalues[0])
                     hvps += int(block.num_hvps)
             batch_value = float("nan")
             if self.batch_sharpness:
@@ -496,7 +483,7 @@ class SharpnessMonitor(Callback):
             batch_sharpness_avg=batch_avg,
             batch_ratio=batch_avg / critical if critical > 0 else float("nan"),
             preconditioned=self._use_preconditioned,
-            layers=layers,
+            layers=layer_values,
             **values,
         )
 

@@ -33,7 +33,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_eos._replica import RngState, capture_rng, isolated_rng, rng_devices
 from lightning_eos.callbacks._lightning import (
     OptimizerStepTracker,
     StepReplica,
@@ -45,6 +44,7 @@ from lightning_eos.callbacks._lightning import (
     merge_custom_scalars,
 )
 from lightning_eos.callbacks._validation import ArgCheck
+from lightning_eos.isolation import RngState, capture_rng, isolated_rng, rng_devices
 from lightning_eos.twin import TwinEngine, check_rescale_supported
 
 __all__ = ["TwinDivergence", "argmax_predict"]

@@ -10,13 +10,14 @@ Torch only: no Lightning import.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_eos.isolation import isolated_forward, requires_grad, rng_devices, seeded_rng
 
 __all__ = [
     "Batches",
@@ -116,90 +117,6 @@ class FunctionOperator(SymmetricOperator):
         if not isinstance(out, torch.Tensor) or out.numel() != self.dim:
             raise ValueError(f"matvec_fn must return a tensor of {self.dim} entries")
         return out.reshape(-1).to(dtype=self.dtype, device=self.device)
-
-
-# --------------------------------------------------------------------------------------------------
-# State isolation: everything a forward pass could change, restored bitwise afterwards.
-# --------------------------------------------------------------------------------------------------
-
-
-def _cuda_devices_in_use() -> list[int]:
-    # Only initialized CUDA generators can have been touched; seeding an uninitialized one would
-    # queue a lazy seed call that changes the CUDA stream the moment CUDA starts (a side effect).
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return list(range(torch.cuda.device_count()))
-    return []
-
-
-@contextlib.contextmanager
-def _seeded_rng(seed: int) -> Iterator[None]:
-    """Run the body on private CPU/CUDA generator states seeded with ``seed``; restore the caller's."""
-    devices = _cuda_devices_in_use()
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        for d in devices:
-            torch.cuda.default_generators[d].manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def _isolated_module(model: nn.Module, mode: str, differentiate: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Put ``model`` in ``mode`` for one forward pass and undo every change afterwards.
-
-    * training flags of every submodule are restored;
-    * BatchNorm-style layers get ``track_running_stats=False`` in train mode, so they normalize with
-      batch statistics *without* updating ``running_*``/``num_batches_tracked`` (and without
-      writing to a buffer the autograd graph might have saved);
-    * any other buffer a forward pass mutates (e.g. InstanceNorm statistics, custom counters) is
-      snapshot and copied back;
-    * exactly the parameters in ``differentiate`` require grad during the pass (others are frozen so
-      the backward skips their weight gradients); the caller's flags are restored.
-    """
-    modules = list(model.modules())
-    flags = [m.training for m in modules]
-    norm_layers = [m for m in modules if isinstance(m, nn.modules.batchnorm._NormBase)]
-    tracking = [m.track_running_stats for m in norm_layers]
-    buffers = list(model.buffers())
-    saved = [b.detach().clone() for b in buffers]
-    all_params = list(model.parameters())
-    wanted = {id(p) for p in differentiate}
-    in_model = {id(p) for p in all_params}
-    outside = [p for p in differentiate if id(p) not in in_model]  # e.g. a replica's own parameter
-    req = [p.requires_grad for p in all_params] + [p.requires_grad for p in outside]
-    try:
-        model.train(mode == "train")
-        if mode == "train":
-            for m in norm_layers:
-                m.track_running_stats = False
-        for p in all_params + outside:
-            p.requires_grad_(id(p) in wanted)
-        yield
-    finally:
-        for p, r in zip(all_params + outside, req):
-            p.requires_grad_(r)
-        for m, t in zip(norm_layers, tracking):
-            m.track_running_stats = t
-        for m, f in zip(modules, flags):
-            m.training = f
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                if b.shape != s.shape or b.dtype != s.dtype:
-                    continue  # replaced by the user's code: nothing we can restore in place
-                if not torch.equal(b, s):
-                    b.copy_(s)
-
-
-@contextlib.contextmanager
-def _requires_grad(params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Temporarily make ``params`` require grad (a frozen parameter can still be differentiated)."""
-    req = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, r in zip(params, req):
-            p.requires_grad_(r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,8 +414,8 @@ class HessianOperator(_ParamOperator):
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         with (
             torch.enable_grad(),
-            _seeded_rng(self.seed + i),
-            _isolated_module(self.model, self.mode, self.params),
+            seeded_rng(self.seed + i, rng_devices(self.params)),
+            isolated_forward(self.model, self.mode, self.params),
         ):
             loss = self._loss(i, batch)
             grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
@@ -514,7 +431,7 @@ class HessianOperator(_ParamOperator):
         live = [(o, v) for o, v in zip(outs, vs) if o is not None and o.requires_grad]
         if not live:  # loss linear in these parameters (or unused): zero block
             return [None] * len(idx)
-        with torch.enable_grad(), _requires_grad([self.params[j] for j in idx]):
+        with torch.enable_grad(), requires_grad([self.params[j] for j in idx]):
             return list(
                 torch.autograd.grad(
                     [o for o, _ in live],
@@ -547,7 +464,11 @@ class HessianOperator(_ParamOperator):
             return functional_call(wrapper, {"m." + n: p for n, p in zip(names, ps)}, (batch,)).reshape(())
 
         primals = tuple(self.params[j].detach() for j in idx)
-        with torch.enable_grad(), _seeded_rng(self.seed + i), _isolated_module(self.model, self.mode, []):
+        with (
+            torch.enable_grad(),
+            seeded_rng(self.seed + i, rng_devices(self.params)),
+            isolated_forward(self.model, self.mode, []),
+        ):
             try:
                 _, out = jvp(grad(f, argnums=tuple(range(len(idx)))), primals, tuple(vs))
             except (RuntimeError, NotImplementedError) as err:

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eos.layers import ROOT_LAYER
+from lightning_eos.layers import layers as layers_of
+
 from .lanczos import DEFAULT_TOL, EigenResult, check_choices, eigsh, wants
 from .operator import (
     Batches,
@@ -128,6 +131,8 @@ def _block_params(model: nn.Module, block: Any) -> list[nn.Parameter]:
                 found = [names[item]]
             elif item in modules:
                 found = [p for p in modules[item].parameters() if p.requires_grad]
+            elif item == ROOT_LAYER:
+                found = [p for p in model.parameters(recurse=False) if p.requires_grad]
             else:
                 raise ValueError(f"block: {item!r} is neither a parameter nor a module name of the model")
         elif isinstance(item, nn.Module):
@@ -159,24 +164,13 @@ def block_eigenvalues(
 
 
 def layer_blocks(model: nn.Module) -> dict[str, list[str]]:
-    """The model's layers: ``{module path: [names of its own trainable parameters]}``.
+    """The model's layers: ``{layer name: [names of its trainable parameters]}``.
 
-    A "layer" is a module that *directly* owns trainable parameters (``recurse=False``), named by its
-    path from ``named_modules()`` (``""`` for the root module itself), in registration order. A
-    parameter shared by several modules (tied weights) belongs to the first one, as in
-    ``model.named_parameters()``.
+    The package's one definition of a layer (:func:`lightning_eos.layers.layers`): the module that
+    directly owns a parameter, tied parameters counted once (first owner), root-owned parameters under
+    :data:`lightning_eos.layers.ROOT_LAYER`.
     """
-    out: dict[str, list[str]] = {}
-    seen: set[int] = set()
-    for mname, module in model.named_modules():
-        own = []
-        for n, p in module.named_parameters(recurse=False):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                own.append(n)
-        if own:
-            out[mname] = [f"{mname}.{n}" if mname else n for n in own]
-    return out
+    return layers_of(model)
 
 
 def layerwise_eigenvalues(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eos._replica import RngState, capture_rng, isolated_rng, replay_rng, replicate
+from lightning_eos.isolation import RngState, capture_rng, isolated_rng, replay_rng, replicate
 
 
 class Carrier(nn.Module):
