@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_eos.callbacks._lightning import (
@@ -52,6 +53,9 @@ class ManualModel(BoringModel):
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         opt = self.optimizers()
+        # As Lightning's ManualOptimBoringModel does: user code that type-checks what it is given.
+        assert isinstance(opt, (torch.optim.Optimizer, LightningOptimizer))
+        assert isinstance(self.optimizers(use_pl_optimizer=False), torch.optim.Optimizer)
         loss = self.loss(self(batch))
         opt.zero_grad()
         self.manual_backward(loss)
@@ -64,11 +68,15 @@ def test_manual_optimization_replica_captures_loss_without_stepping() -> None:
     trainer = make_trainer(max_steps=1)
     trainer.fit(model)
     weights = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
     replica = StepReplica(model, trainer, share_parameters=True)
     batch = torch.randn(4, 32)
     loss = replica.training_loss(batch)
     assert torch.allclose(loss, model.loss(model(batch)))
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    # The stand-in's zero_grad and step reached neither the real gradients nor the real weights.
+    assert all(p.grad is not None and bool((p.grad == 1).all()) for p in model.parameters())
     with pytest.raises(ValueError, match="optimizer_idx=1"):
         StepReplica(model, trainer, share_parameters=True, optimizer_idx=1).training_loss(batch)
 
