@@ -15,7 +15,12 @@ subclasses inherit their parent's rule). Every monitor asks it through:
 * :func:`max_stable_lr` -- the inverse question: the largest LR at which a given sharpness is stable;
 * :func:`preconditioned_for` -- whether the threshold applies to the preconditioned Hessian
   ``P⁻¹H`` (Adam, AdamW, RMSprop) rather than to ``H`` itself;
+* :func:`assess` -- the one comparison of a measured sharpness with every param group's threshold
+  (binding group, ratio, max stable LR, per-group LR margins), shared by the monitors and the LR
+  controller;
 * :func:`weight_decay_window` -- the interval of coupled weight decay that stabilizes a spectrum;
+* :func:`optimizer_preconditioner` -- the diagonal ``P`` of an adaptive optimizer (the one copy of
+  that formula: the curvature engine and :func:`coupled_decay_bracket` both use it);
 * :func:`register_threshold` -- how users add rules for their own optimizers.
 
 Built-in rules (``η`` = lr, ``μ`` = momentum, ``d`` = dampening, ``α`` = coupled weight decay,
@@ -44,27 +49,33 @@ that the threshold for ``λ_max(P⁻¹H)`` alone must lie in (Weyl's inequality)
 
 ``maximize=True``: PyTorch negates the gradient *before* adding the coupled decay, so the optimizer
 descends ``−loss (+ decay)``. The threshold returned is unchanged and applies to the Hessian of the
-objective being descended, i.e. to ``−H`` (``λ_max(−H) = −λ_min(H)``); :func:`is_maximizing` tells
-monitors to flip the sign. Use it rather than assuming ``λ_max(H)``.
+objective being descended, i.e. to ``−H`` (``λ_max(−H) = −λ_min(H)``). :func:`objective_sign` gives
+the sign of the descended objective (−1 under ``maximize=True``; an error when groups disagree): the
+monitors measure the Hessian of ``objective_sign · loss`` and hand its sharpness to :func:`assess`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 __all__ = [
+    "MissingState",
+    "StabilityAssessment",
     "ThresholdRule",
     "UnsupportedOptimizerError",
     "WeightDecayWindow",
+    "assess",
     "coupled_decay_bracket",
     "critical_sharpness",
     "is_maximizing",
     "max_stable_lr",
+    "objective_sign",
+    "optimizer_preconditioner",
     "preconditioned_for",
     "register_threshold",
     "rule_for",
@@ -341,10 +352,32 @@ def preconditioned_for(optimizer: torch.optim.Optimizer | type) -> bool:
     return rule_for(optimizer).preconditioned
 
 
-def is_maximizing(optimizer: torch.optim.Optimizer, group: int = 0) -> bool:
-    """True when the group has ``maximize=True``: the descended objective is −loss, so compare the
-    threshold with ``λ_max(−H) = −λ_min(H)``."""
+def is_maximizing(optimizer: torch.optim.Optimizer, group: int | Mapping[str, Any] = 0) -> bool:
+    """True when the group (index, or a param-group snapshot) has ``maximize=True``: the descended
+    objective is −loss, so the threshold is compared with ``λ_max(−H) = −λ_min(H)``."""
     return bool(_group(optimizer, group).get("maximize", False))
+
+
+def objective_sign(
+    optimizer: torch.optim.Optimizer, groups: Sequence[Mapping[str, Any]] | None = None
+) -> float:
+    """Sign ``s`` of the objective ``s · loss`` the optimizer descends: −1.0 under ``maximize=True``.
+
+    The thresholds of this module bound ``λ_max`` of the Hessian of that objective, so a monitor
+    measures ``s · loss``. ``groups``: param-group snapshots (default: the live ``param_groups``).
+
+    Raises:
+        ValueError: the groups disagree on ``maximize`` (no single objective is descended).
+    """
+    grps = list(optimizer.param_groups if groups is None else groups)
+    flags = [bool(g.get("maximize", False)) for g in grps]
+    if len(set(flags)) > 1:
+        raise ValueError(
+            f"maximize={flags} (per param group of {type(optimizer).__name__}) is not supported: the "
+            "groups descend different objectives (loss and −loss), so no single Hessian has the "
+            "thresholds; accepted values: the same maximize in every param group."
+        )
+    return -1.0 if flags and flags[0] else 1.0
 
 
 def max_stable_lr(
@@ -398,15 +431,123 @@ def _bisect_lr(fn: GroupFn, sharpness: float, group: Mapping[str, Any]) -> float
     return lo
 
 
+@dataclass(frozen=True)
+class StabilityAssessment:
+    """A sharpness compared with the threshold of every param group (see :func:`assess`).
+
+    Curvatures (``sharpness``, ``critical*``) are in Hessian-eigenvalue units (1/lr); learning rates in
+    the optimizer's units; ratios and margins are dimensionless (1 = at the edge of stability).
+    Per-group tuples are in ``optimizer.param_groups`` order. Fields that need a sharpness are NaN
+    when none was given.
+
+    Attributes:
+        sharpness: the compared sharpness: ``λ_max`` of the Hessian of the descended objective
+            (:func:`objective_sign`), of ``P⁻¹H`` when ``preconditioned``; NaN if none was given.
+        preconditioned: whether the thresholds apply to the preconditioned Hessian (Adam family).
+        critical_per_group: critical sharpness of each group's applied hyper-parameters.
+        lr_per_group: the learning rate each group applied.
+        trained: whether each group holds a parameter with ``requires_grad=True``.
+        ratio_per_group: ``sharpness / critical`` per group (``inf`` for a critical ≤ 0).
+        max_stable_lr_per_group: the largest LR of each group at which ``sharpness`` is stable.
+        lr_margin_per_group: ``lr / max_stable_lr`` per group (``inf`` when no LR is stable).
+        binding_group: index of the group with the smallest critical sharpness among the trained
+            groups (all groups when none is trained): the first to go unstable as sharpness rises.
+        critical: ``critical_per_group[binding_group]``.
+        lr: ``lr_per_group[binding_group]``.
+        ratio: ``ratio_per_group[binding_group]``.
+        max_stable_lr: ``max_stable_lr_per_group[binding_group]``.
+    """
+
+    sharpness: float
+    preconditioned: bool
+    critical_per_group: tuple[float, ...]
+    lr_per_group: tuple[float, ...]
+    trained: tuple[bool, ...]
+    ratio_per_group: tuple[float, ...]
+    max_stable_lr_per_group: tuple[float, ...]
+    lr_margin_per_group: tuple[float, ...]
+    binding_group: int
+    critical: float
+    lr: float
+    ratio: float
+    max_stable_lr: float
+
+
+def assess(
+    sharpness: float | None,
+    optimizer: torch.optim.Optimizer,
+    groups: Sequence[Mapping[str, Any]] | None = None,
+) -> StabilityAssessment:
+    """Compare a sharpness with the critical sharpness of every param group of ``optimizer``.
+
+    The one threshold comparison of the package: the monitors and the LR controller all call it.
+
+    Args:
+        sharpness: ``λ_max`` of the Hessian of the objective the optimizer descends (``−loss`` under
+            ``maximize=True``, see :func:`objective_sign`), preconditioned when
+            :func:`preconditioned_for` is True; ``None`` when nothing was measured (only the
+            thresholds are computed).
+        optimizer: selects the rule; its ``param_groups`` say which groups hold trainable parameters.
+        groups: the hyper-parameters each group applied (snapshots, one per param group, as the
+            callbacks' ``OptimizerStepTracker`` captures them before a step scheduler moves them);
+            default: the live ``optimizer.param_groups``.
+
+    Raises:
+        ValueError: ``groups`` of the wrong length, a non-finite or non-numeric ``sharpness``, bad
+            hyper-parameters.
+        UnsupportedOptimizerError: no rule for the optimizer's class.
+    """
+    live = list(optimizer.param_groups)
+    grps = live if groups is None else list(groups)
+    if len(grps) != len(live) or not grps:
+        raise ValueError(
+            f"groups must hold one hyper-parameter mapping per param group ({len(live)} param groups "
+            f"in {type(optimizer).__name__}), got {len(grps)}"
+        )
+    s = None if sharpness is None else _as_float(sharpness, "sharpness")
+    preconditioned = preconditioned_for(optimizer)
+    nan = math.nan
+    critical = tuple(float(critical_sharpness(optimizer, group=g)) for g in grps)
+    lrs = tuple(_as_float(g["lr"], "lr") for g in grps)
+    trained = tuple(any(p.requires_grad for p in g["params"]) for g in live)
+    if s is None:
+        ratios = max_lrs = margins = (nan,) * len(grps)
+    else:
+        ratios = tuple(s / c if c > 0 else math.inf for c in critical)
+        max_lrs = tuple(float(max_stable_lr(s, optimizer, group=g)) for g in grps)
+        margins = tuple(lr / m if m > 0 else math.inf for lr, m in zip(lrs, max_lrs))
+    candidates = [i for i, t in enumerate(trained) if t] or list(range(len(grps)))
+    binding = min(candidates, key=lambda i: critical[i])
+    return StabilityAssessment(
+        sharpness=nan if s is None else s,
+        preconditioned=preconditioned,
+        critical_per_group=critical,
+        lr_per_group=lrs,
+        trained=trained,
+        ratio_per_group=ratios,
+        max_stable_lr_per_group=max_lrs,
+        lr_margin_per_group=margins,
+        binding_group=binding,
+        critical=critical[binding],
+        lr=lrs[binding],
+        ratio=ratios[binding],
+        max_stable_lr=max_lrs[binding],
+    )
+
+
 def coupled_decay_bracket(optimizer: torch.optim.Optimizer, group: int = 0) -> tuple[float, float]:
     """For Adam/RMSprop with coupled weight decay α: bounds on the threshold for ``λ_max(P⁻¹H)``.
 
     The exact operator is ``P⁻¹H + αP⁻¹`` (symmetrized: ``P^{-1/2}HP^{-1/2} + αP⁻¹``). Weyl's
     inequality gives ``λ_max(P⁻¹H) + α·min P⁻¹ ≤ λ_max(P⁻¹(H + αI)) ≤ λ_max(P⁻¹H) + α·max P⁻¹``, so
     the threshold for ``λ_max(P⁻¹H)`` lies in ``[T − α·max P⁻¹, T − α·min P⁻¹]`` with
-    ``T = critical_sharpness(optimizer, group)``. ``P`` is read from the optimizer state
-    (``exp_avg_sq``/``square_avg`` with Adam's bias correction); returns ``(T, T)`` when α = 0 or the
-    optimizer is not preconditioned, and ``(-inf, T)`` before the state exists.
+    ``T = critical_sharpness(optimizer, group)``. ``P`` is :func:`optimizer_preconditioner` over the
+    group's trainable parameters (a frozen one never moves: it is no mode of the step). Returns
+    ``(T, T)`` when α = 0, the decay is decoupled or the optimizer is not preconditioned, and
+    ``(-inf, T)`` while a trainable parameter has no state yet (no step taken).
+
+    Raises:
+        ValueError: bad group; the optimizer's state is not one :func:`optimizer_preconditioner` knows.
     """
     t = critical_sharpness(optimizer, group)
     grp = _group(optimizer, group)
@@ -415,30 +556,114 @@ def coupled_decay_bracket(optimizer: torch.optim.Optimizer, group: int = 0) -> t
         return (t, t)
     inv_max, inv_min = -math.inf, math.inf
     for p in grp["params"]:
-        state = optimizer.state.get(p, {})
-        denom = _denominator(state, grp)
+        if not p.requires_grad:
+            continue
+        denom = _preconditioner_of(p, optimizer.state.get(p, {}), grp)
         if denom is None:
             return (-math.inf, t)
         inv = 1.0 / denom
         inv_max = max(inv_max, float(inv.max()))
         inv_min = min(inv_min, float(inv.min()))
+    if inv_max == -math.inf:  # no trainable parameter: nothing is preconditioned
+        return (t, t)
     return (t - alpha * inv_max, t - alpha * inv_min)
 
 
-def _denominator(state: Mapping[str, Any], group: Mapping[str, Any]) -> torch.Tensor | None:
-    """The frozen preconditioner diagonal P of Adam (√v̂ + ε) or RMSprop (√(v − ḡ²) + ε), or None."""
-    eps = float(group.get("eps", 1e-8))
+# ---------------------------------------------------------------------------------------------------
+# The one preconditioner
+# ---------------------------------------------------------------------------------------------------
+
+MissingState = Literal["error", "identity"]
+"""What :func:`optimizer_preconditioner` does for a parameter without optimizer state."""
+
+
+def _preconditioner_of(
+    p: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any]
+) -> torch.Tensor | None:
+    """The frozen diagonal ``P`` (float64, ``p``'s shape) the optimizer applies to ``p``, or None
+    when no step has been taken for it yet. The formulas are listed in :func:`optimizer_preconditioner`.
+
+    Raises:
+        ValueError: state keys of no known adaptive optimizer.
+    """
+    if not state or float(state.get("step", 1)) <= 0:
+        return None  # allocated but no step taken (Adam lazily, Adagrad in __init__): none yet
+    # torch's adaptive optimizers all carry eps in their groups; a group without one adds none.
+    eps = _as_float(group.get("eps", 0.0), "eps")
     if "exp_avg_sq" in state:
-        step = float(state["step"])
-        beta2 = float(group["betas"][1])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        step = float(state["step"])
+        beta2 = _as_float(group.get("betas", (0.9, 0.999))[1], "betas[1]")
         return (v.detach().double() / (1.0 - beta2**step)).sqrt() + eps
     if "square_avg" in state:
         v = state["square_avg"].detach().double()
-        if group.get("centered", False):
-            v = v - state["grad_avg"].detach().double() ** 2
+        # torch creates grad_avg when a centered group takes its first step; a group switched to
+        # centered later has tracked no mean, so the uncentered second moment is all there is.
+        if group.get("centered", False) and "grad_avg" in state:
+            v = v - state["grad_avg"].detach().double().pow(2)
         return v.clamp_min(0.0).sqrt() + eps
-    return None
+    if "sum" in state:
+        return state["sum"].detach().double().sqrt() + eps
+    raise ValueError(
+        f"unsupported optimizer state keys {sorted(state)} for a parameter of shape {tuple(p.shape)}: "
+        "expected Adam/AdamW (exp_avg_sq), RMSprop (square_avg) or Adagrad (sum)"
+    )
+
+
+def optimizer_preconditioner(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor] | None = None,
+    missing_state: MissingState = "error",
+) -> torch.Tensor:
+    """The diagonal preconditioner ``P`` an adaptive optimizer applies, flat float64 in ``params`` order.
+
+    The one implementation in the package (``lightning_eos.curvature.optimizer_preconditioner`` is this
+    function). Read from ``optimizer.state`` and each parameter's param group, treated as frozen:
+
+    * Adam/AdamW (state ``exp_avg_sq``, ``step``): ``P = sqrt(v / (1 − β2^t)) + eps`` (with
+      ``amsgrad``: ``max_exp_avg_sq`` instead of ``v``), as in Cohen et al. 2022.
+    * RMSprop (``square_avg``): ``P = sqrt(v) + eps``; centered: ``sqrt(v − grad_avg²) + eps``.
+    * Adagrad (``sum``): ``P = sqrt(sum) + eps``.
+
+    ``eps`` is the group's (0 when the group has none). Units: those of the gradient.
+
+    Args:
+        optimizer: the optimizer whose state is read.
+        params: the parameters, in the order of the flat result; default: every trainable parameter
+            of the optimizer, in group order.
+        missing_state: for a parameter without state yet (no step taken): ``"error"`` raises a
+            ``ValueError``, ``"identity"`` uses ``P = 1`` for it.
+
+    Raises:
+        ValueError: bad ``missing_state``; a parameter the optimizer does not manage; missing state
+            under ``"error"``; state of no known adaptive optimizer.
+    """
+    if missing_state not in ("error", "identity"):
+        raise ValueError(
+            f"missing_state={missing_state!r} is not supported; accepted values: 'error', 'identity'."
+        )
+    group_of: dict[int, Mapping[str, Any]] = {}
+    for grp in optimizer.param_groups:
+        for p in grp["params"]:
+            group_of.setdefault(id(p), grp)
+    if params is None:
+        params = [p for grp in optimizer.param_groups for p in grp["params"] if p.requires_grad]
+    parts: list[torch.Tensor] = []
+    for p in params:
+        if id(p) not in group_of:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is not managed by the optimizer")
+        P = _preconditioner_of(p, optimizer.state.get(p, {}), group_of[id(p)])
+        if P is None:
+            if missing_state == "error":
+                raise ValueError(
+                    f"the optimizer has no state for a parameter of shape {tuple(p.shape)} (no step taken"
+                    " yet?): take a step first or pass missing_state='identity'"
+                )
+            P = torch.ones(p.shape, dtype=torch.float64, device=p.device)
+        parts.append(P.reshape(-1).to(p.device))
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat(parts)
 
 
 register_threshold(torch.optim.SGD, _sgd_threshold, preconditioned=False, max_lr=_sgd_max_lr)

@@ -540,3 +540,159 @@ def test_group_snapshot_is_read_instead_of_the_live_group() -> None:
     assert critical_sharpness(opt, group=applied) == pytest.approx(3.8 / 0.1)
     assert critical_sharpness(opt) == pytest.approx(3.8 / 0.05)
     assert max_stable_lr(19.0, opt, group=applied) == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One preconditioner (bounds.optimizer_preconditioner), used by coupled_decay_bracket and curvature
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_one_preconditioner_function_is_shared_with_curvature() -> None:
+    from lightning_eos import curvature
+    from lightning_eos.curvature import spectrum
+
+    assert curvature.optimizer_preconditioner is bounds.optimizer_preconditioner
+    assert spectrum.optimizer_preconditioner is bounds.optimizer_preconditioner
+
+
+def _stepped(kind: str, alpha: float) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """An adaptive optimizer with coupled decay α after 3 steps on tiny random gradients (so that
+    ε is a sizeable part of P); returns it and the trainable parameters of its only group."""
+    gen = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(4, generator=gen, dtype=DTYPE))
+    q = torch.nn.Parameter(torch.randn(3, generator=gen, dtype=DTYPE))
+    if kind == "frozen_param":
+        q.requires_grad_(False)  # never gets a gradient, so never any optimizer state
+    make: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "adam_amsgrad": lambda: torch.optim.Adam([p, q], lr=0.01, weight_decay=alpha, amsgrad=True),
+        "rmsprop_centered": lambda: torch.optim.RMSprop([p, q], lr=0.01, weight_decay=alpha, centered=True),
+        "adagrad_registered": lambda: torch.optim.Adagrad([p, q], lr=0.01, weight_decay=alpha, eps=1e-8),
+        "no_eps_key": lambda: torch.optim.Adam([p, q], lr=0.01, weight_decay=alpha),
+        "frozen_param": lambda: torch.optim.Adam([p, q], lr=0.01, weight_decay=alpha),
+    }
+    opt = make[kind]()
+    for _ in range(3):
+        for t in (p, q):
+            if t.requires_grad:
+                t.grad = 1e-7 * torch.randn(t.shape, generator=gen, dtype=DTYPE)
+        opt.step()
+    if kind == "no_eps_key":
+        del opt.param_groups[0]["eps"]  # a group without eps: the preconditioner has no ε added
+    return opt, [t for t in (p, q) if t.requires_grad]
+
+
+@pytest.mark.parametrize(
+    "kind", ["adam_amsgrad", "rmsprop_centered", "adagrad_registered", "no_eps_key", "frozen_param"]
+)
+def test_coupled_decay_bracket_uses_the_one_preconditioner(kind: str) -> None:
+    alpha = 1e-9
+    if kind == "adagrad_registered":
+        register_threshold(torch.optim.Adagrad, lambda g: 2.0 / float(g["lr"]), preconditioned=True)
+    try:
+        opt, trainable = _stepped(kind, alpha)
+        P = bounds.optimizer_preconditioner(opt, trainable)
+        thr = critical_sharpness(opt)
+        lo, hi = bounds.coupled_decay_bracket(opt)
+    finally:
+        unregister_threshold(torch.optim.Adagrad)
+    assert P.dtype == torch.float64 and P.shape == (7 if kind != "frozen_param" else 4,)
+    # Weyl: [T − α·max P⁻¹, T − α·min P⁻¹], with the P curvature's preconditioned sharpness uses.
+    assert lo == pytest.approx(thr - alpha / float(P.min()), rel=1e-12)
+    assert hi == pytest.approx(thr - alpha / float(P.max()), rel=1e-12)
+    assert lo < hi < thr
+
+
+def test_preconditioner_formulas_and_defaults() -> None:
+    opt, trainable = _stepped("no_eps_key", 0.0)
+    state = [opt.state[t] for t in trainable]
+    step = float(state[0]["step"])
+    want = torch.cat([(s["exp_avg_sq"] / (1 - 0.999**step)).sqrt() for s in state])  # no ε: none set
+    torch.testing.assert_close(bounds.optimizer_preconditioner(opt), want, rtol=1e-14, atol=0.0)
+    opt, trainable = _stepped("rmsprop_centered", 0.0)
+    s = opt.state[trainable[0]]
+    want = (s["square_avg"] - s["grad_avg"] ** 2).sqrt() + 1e-8
+    torch.testing.assert_close(bounds.optimizer_preconditioner(opt, trainable[:1]), want)
+    with pytest.raises(ValueError, match=r"missing_state='skip'.*accepted values: 'error', 'identity'"):
+        bounds.optimizer_preconditioner(opt, trainable, missing_state="skip")  # type: ignore[arg-type]
+
+
+def test_coupled_decay_bracket_before_any_state() -> None:
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))], lr=0.01, weight_decay=0.1)
+    assert bounds.coupled_decay_bracket(opt) == (-math.inf, pytest.approx(38 / 0.01))
+
+
+# ---------------------------------------------------------------------------------------------------
+# assess: the one threshold comparison the monitors (and the LR controller) use
+# ---------------------------------------------------------------------------------------------------
+
+
+def _three_groups() -> torch.optim.SGD:
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    c.requires_grad_(False)
+    # critical sharpness 3.8/0.1 = 38, 2/0.5 = 4 and 2/2 = 1 (the last group is frozen: it binds nothing)
+    return torch.optim.SGD(
+        [{"params": [a], "momentum": 0.9}, {"params": [b], "lr": 0.5}, {"params": [c], "lr": 2.0}], lr=0.1
+    )
+
+
+def test_assess_per_group_values_and_binding_group() -> None:
+    opt = _three_groups()
+    res = bounds.assess(3.0, opt)
+    assert isinstance(res, bounds.StabilityAssessment)
+    assert res.critical_per_group == pytest.approx((38.0, 4.0, 1.0))
+    assert res.lr_per_group == pytest.approx((0.1, 0.5, 2.0))
+    assert res.trained == (True, True, False)
+    assert res.binding_group == 1 and res.critical == pytest.approx(4.0) and res.lr == 0.5
+    assert res.sharpness == 3.0 and res.ratio == pytest.approx(0.75) and not res.preconditioned
+    assert res.max_stable_lr == pytest.approx(2.0 / 3.0)
+    assert res.max_stable_lr_per_group == pytest.approx((3.8 / 3.0, 2.0 / 3.0, 2.0 / 3.0))
+    assert res.ratio_per_group == pytest.approx((3.0 / 38.0, 0.75, 3.0))
+    assert res.lr_margin_per_group == pytest.approx((0.1 / (3.8 / 3.0), 0.75, 3.0))
+    with pytest.raises(AttributeError):
+        res.critical = 1.0  # type: ignore[misc]  # frozen
+
+
+def test_assess_reads_snapshots_and_handles_no_sharpness_and_all_frozen() -> None:
+    opt = _three_groups()
+    snap = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    snap[1]["lr"] = 0.25  # the applied value; the live group has moved on
+    res = bounds.assess(None, opt, snap)
+    assert res.critical_per_group == pytest.approx((38.0, 8.0, 1.0)) and res.lr == 0.25
+    assert math.isnan(res.sharpness) and math.isnan(res.ratio) and math.isnan(res.max_stable_lr)
+    assert all(math.isnan(v) for v in res.lr_margin_per_group + res.max_stable_lr_per_group)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.requires_grad_(False)
+    assert bounds.assess(0.5, opt).binding_group == 2  # nothing trains: every group counts
+    opt.param_groups[0]["lr"] = 0.0
+    zero = bounds.assess(0.5, opt)
+    assert zero.critical_per_group[0] == math.inf and zero.lr_margin_per_group[0] == 0.0
+
+
+def test_assess_adam_is_preconditioned() -> None:
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    res = bounds.assess(1900.0, opt)
+    assert res.preconditioned and res.critical == pytest.approx(3800.0) and res.ratio == pytest.approx(0.5)
+    assert res.max_stable_lr == pytest.approx(0.02)
+
+
+def test_assess_bad_input() -> None:
+    opt = _three_groups()
+    with pytest.raises(ValueError, match=r"groups.*3 param groups.*got 2"):
+        bounds.assess(1.0, opt, [{"lr": 0.1}, {"lr": 0.1}])
+    for bad in (float("nan"), math.inf, "1.0"):
+        with pytest.raises(ValueError, match="sharpness"):
+            bounds.assess(bad, opt)  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedOptimizerError):
+        bounds.assess(1.0, torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(1))]))
+
+
+def test_objective_sign() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    assert bounds.objective_sign(torch.optim.SGD([a], lr=0.1)) == 1.0
+    assert bounds.objective_sign(torch.optim.Adam([a], maximize=True)) == -1.0
+    mixed = torch.optim.SGD([{"params": [a], "maximize": True}, {"params": [b]}], lr=0.1)
+    with pytest.raises(ValueError, match=r"maximize=\[True, False\].*accepted values"):
+        bounds.objective_sign(mixed)
+    assert bounds.objective_sign(mixed, [{"maximize": True}, {"maximize": True}]) == -1.0
+    assert bounds.is_maximizing(mixed, {"maximize": True}) and not bounds.is_maximizing(mixed, 1)

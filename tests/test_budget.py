@@ -65,7 +65,11 @@ def test_ranks_follow_the_agreed_decision_and_state_round_trips() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"budget": 0.0}, "budget"), ({"budget": 1.0}, "budget"), ({"first_cost_steps": -1.0}, "first_cost_steps")],
+    [
+        ({"budget": 0.0}, "budget"),
+        ({"budget": 1.0}, "budget"),
+        ({"first_cost_steps": -1.0}, "first_cost_steps"),
+    ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, float], name: str) -> None:
     args = {"budget": 0.05, "first_cost_steps": 10.0, **kwargs}

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
+from typing_extensions import override
 
 from lightning_eos import bounds, curvature
 from lightning_eos.callbacks._lightning import (
@@ -48,11 +49,6 @@ __all__ = ["SharpnessMonitor"]
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 _STATE_VERSION = 1
-
-
-def _applied_bounds(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> list[float]:
-    """Critical sharpness of every param group under the applied hyper-parameters ``groups``."""
-    return [float(bounds.critical_sharpness(optimizer, group=g)) for g in groups]
 
 
 @contextlib.contextmanager
@@ -101,6 +97,11 @@ class SharpnessMonitor(Callback):
         loss_fn: ``loss_fn(model, batch) -> scalar mean loss`` (or its import path) to measure
             instead of the module's ``training_step``; ``model`` is a parameter-sharing replica.
         seed: seed of the probe draw and of the solver's start vector (never the global RNG).
+
+    With ``maximize=True`` the optimizer descends −loss: every curvature (sharpness, λ_min, per-layer
+    and batch sharpness) is then that of −loss, the objective the thresholds bound
+    (:func:`lightning_eos.bounds.objective_sign`); param groups that disagree on ``maximize`` are
+    refused at fit start.
     """
 
     def __init__(
@@ -174,17 +175,21 @@ class SharpnessMonitor(Callback):
         self._tracker = OptimizerStepTracker()
         self._use_preconditioned = False
         self._compare = True  # whether the bounds threshold applies to what is measured
+        self._sign = 1.0  # of the objective the optimizer descends: −1 under maximize=True
         self._notes: set[str] = set()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
+    @override
     def state_key(self) -> str:
         # Two monitors (e.g. one per optimizer of a GAN) must not share checkpoint state.
         return self._generate_state_key(optimizer_idx=self.optimizer_idx, log_prefix=self.log_prefix)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_supported_strategy(trainer, type(self).__name__)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.optimizer_idx >= len(trainer.optimizers):
             raise ValueError(
@@ -193,6 +198,9 @@ class SharpnessMonitor(Callback):
             )
         optimizer = trainer.optimizers[self.optimizer_idx]
         name = type(optimizer).__name__
+        # maximize=True descends −loss: the thresholds bound the Hessian of that objective, so that is
+        # the loss measured (groups that disagree are refused here, before any step).
+        self._sign = bounds.objective_sign(optimizer)
         try:
             family = bool(bounds.preconditioned_for(optimizer))
             known = True
@@ -221,15 +229,18 @@ class SharpnessMonitor(Callback):
             )
         merge_custom_scalars(trainer, self._layout())
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe == "fixed":
             self._build_fixed_probe(trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._tracker.on_train_batch_start(trainer)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -237,6 +248,7 @@ class SharpnessMonitor(Callback):
         # batch end.
         self._tracker.on_before_optimizer_step(trainer, optimizer)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -254,6 +266,7 @@ class SharpnessMonitor(Callback):
             self._warn_edge(record)
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors and primitives only (checkpoints load with ``weights_only=True``)."""
         return {
@@ -265,6 +278,7 @@ class SharpnessMonitor(Callback):
             "warned": self._warned,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         indices = state_dict.get("probe_indices")
         self._probe_indices = None if indices is None else torch.as_tensor(indices, dtype=torch.int64).clone()
@@ -436,23 +450,17 @@ class SharpnessMonitor(Callback):
         if not math.isfinite(top):
             return self._nan_record(trainer, "sharpness", hvps=hvps)
 
-        # Thresholds from the hyper-parameters this step applied; the binding group is the one
-        # whose critical sharpness is smallest (the first to go unstable as sharpness rises).
+        # Thresholds from the hyper-parameters this step applied, compared in bounds.assess (binding
+        # group: the smallest critical sharpness among the groups that train). ``top`` is of the
+        # descended objective (−loss under maximize), the quantity the thresholds bound.
         critical, ratio, max_lr, lr, binding = float("nan"), float("nan"), float("nan"), float("nan"), 0
         wd_low, wd_high = float("nan"), float("nan")
         if not self._compare:
             lr = float(applied[0].get("lr", float("nan"))) if applied else float("nan")
         else:
-            per_group = _applied_bounds(optimizer, applied)
-            # A group whose parameters are all frozen never moves: its LR bounds nothing.
-            trained = [
-                i for i, g in enumerate(optimizer.param_groups) if any(p.requires_grad for p in g["params"])
-            ] or list(range(len(per_group)))
-            binding = min(trained, key=lambda i: per_group[i])
-            critical = per_group[binding]
-            lr = float(applied[binding].get("lr", float("nan")))
-            ratio = top / critical if critical > 0 else float("inf")
-            max_lr = float(bounds.max_stable_lr(top, optimizer, group=applied[binding]))
+            result = bounds.assess(top, optimizer, applied)
+            binding, critical, lr = result.binding_group, result.critical, result.lr
+            ratio, max_lr = result.ratio, result.max_stable_lr
             if self.which == "both" and not self._use_preconditioned:
                 g = applied[binding]
                 window = bounds.weight_decay_window(
@@ -488,11 +496,15 @@ class SharpnessMonitor(Callback):
         )
 
     def _loss(self, replica: StepReplica) -> LossFn:
-        if self.loss_fn is None:
-            return replica.loss_fn
-        user_fn = self.loss_fn
-        # The user's function gets the replica (it shares the real parameters, not the buffers).
-        return lambda model, batch: user_fn(replica.module, batch)
+        """The objective the monitored optimizer descends: the training loss, negated under maximize."""
+        user_fn, sign = self.loss_fn, self._sign
+
+        def objective(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            # The user's function gets the replica (it shares the real parameters, not the buffers).
+            loss = replica.loss_fn(model, batch) if user_fn is None else user_fn(replica.module, batch)
+            return loss if sign > 0 else -loss
+
+        return objective
 
     def _finite_loss(self, model: torch.nn.Module, loss_fn: LossFn, probe: list[Any], reduce: Any) -> bool:
         """Whether the probe loss is finite on every rank (one forward pass per probe chunk).

@@ -2,11 +2,14 @@
 
 Every real optimizer step, at no extra forward/backward cost, for every optimizer and param group:
 the LR the step applied (read in ``on_before_optimizer_step``, before a step scheduler moves it), the
-critical sharpness those hyper-parameters imply (``lightning_eos.bounds``) and, when a
+critical sharpness those hyper-parameters imply and, when a
 :class:`~lightning_eos.callbacks.SharpnessMonitor` of that optimizer has measured, the margin
-``lr / max_stable_lr`` (1 = at the edge of stability). With ``per_layer=True`` and a per-layer
-SharpnessMonitor it also logs each layer's local CFL number: the layer's block sharpness over the
-critical sharpness of the group that holds its parameters.
+``lr / max_stable_lr`` (1 = at the edge of stability). Both come from
+:func:`lightning_eos.bounds.assess`, the comparison the SharpnessMonitor makes too, with the
+SharpnessMonitor's sharpness: that of the objective the optimizer descends (``−loss`` under
+``maximize=True``). With ``per_layer=True`` and a per-layer SharpnessMonitor it also logs each layer's
+local CFL number: the layer's block sharpness over the critical sharpness of the group that holds its
+parameters (layers as :mod:`lightning_eos.layers` defines them).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_eos import bounds
 from lightning_eos.callbacks._lightning import (
@@ -29,6 +33,7 @@ from lightning_eos.callbacks._lightning import (
 )
 from lightning_eos.callbacks._validation import ArgCheck
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
+from lightning_eos.layers import layer_parameters
 
 __all__ = ["StabilityMonitor"]
 
@@ -63,12 +68,15 @@ class StabilityMonitor(Callback):
         self._warned: set[str] = set()
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(log_prefix=self.log_prefix)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_supported_strategy(trainer, type(self).__name__)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         p = re.escape(self.log_prefix)
         charts: dict[str, list[Any]] = {
@@ -79,17 +87,20 @@ class StabilityMonitor(Callback):
             charts["local CFL number per layer (1 = edge)"] = ["Multiline", [rf"^{p}/cfl/.*"]]
         merge_custom_scalars(trainer, {f"{self.log_prefix}: stability": charts})
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._tracker.on_train_batch_start(trainer)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # The values this update applies; a step-interval scheduler changes them before batch end.
         self._tracker.on_before_optimizer_step(trainer, optimizer)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -116,42 +127,39 @@ class StabilityMonitor(Callback):
         critical_of_param: dict[int, float] = {}
         for idx, groups in sorted(applied.items()):
             optimizer = trainer.optimizers[idx]
-            monitor = monitors.get(idx)
-            last = monitor.last if monitor is not None else None
+            tags = []
             for j, group in enumerate(groups):
                 name = group.get("name")
                 tag = name if isinstance(name, str) and name else f"pg{j}"
-                tag = f"opt{idx}/{tag}" if several else tag
-                lr = float(group.get("lr", math.nan))
-                out[f"{p}/lr/{tag}"] = lr
-                try:
-                    critical = float(bounds.critical_sharpness(optimizer, group=group))
-                except bounds.UnsupportedOptimizerError as err:
-                    self._warn_once(
-                        type(optimizer).__name__, f"StabilityMonitor: no critical sharpness: {err}"
-                    )
-                    continue
-                out[f"{p}/critical_sharpness/{tag}"] = critical
-                # The threshold of the Adam family bounds λ(P⁻¹H): it is compared only with a
-                # sharpness of the same kind (block sharpness is always of H: no local CFL there).
+                tags.append(f"opt{idx}/{tag}" if several else tag)
+                out[f"{p}/lr/{tags[-1]}"] = float(group.get("lr", math.nan))
+            try:
                 preconditioned = bounds.preconditioned_for(optimizer)
+            except bounds.UnsupportedOptimizerError as err:
+                self._warn_once(type(optimizer).__name__, f"StabilityMonitor: no critical sharpness: {err}")
+                continue
+            # The threshold of the Adam family bounds λ(P⁻¹H): it is compared only with a sharpness
+            # of the same kind (block sharpness is always of H: no local CFL there).
+            monitor = monitors.get(idx)
+            last = monitor.last if monitor is not None else None
+            sharpness: float | None = None
+            if last is not None and math.isfinite(last.sharpness) and last.preconditioned == preconditioned:
+                sharpness = last.sharpness
+            result = bounds.assess(sharpness, optimizer, groups)
+            for j, tag in enumerate(tags):
+                out[f"{p}/critical_sharpness/{tag}"] = result.critical_per_group[j]
+                if sharpness is not None:
+                    out[f"{p}/lr_margin/{tag}"] = result.lr_margin_per_group[j]
                 if not preconditioned:
                     for param in optimizer.param_groups[j]["params"]:
-                        critical_of_param[id(param)] = critical
-                elif self.per_layer:
-                    self._warn_once(
-                        f"cfl{idx}",
-                        "StabilityMonitor(per_layer=True): no local CFL number for "
-                        f"{type(optimizer).__name__}: its threshold bounds the preconditioned Hessian, "
-                        "block sharpness is of the Hessian.",
-                    )
-                if (
-                    last is not None
-                    and math.isfinite(last.sharpness)
-                    and last.preconditioned == preconditioned
-                ):
-                    max_lr = float(bounds.max_stable_lr(last.sharpness, optimizer, group=group))
-                    out[f"{p}/lr_margin/{tag}"] = lr / max_lr if max_lr > 0 else math.inf
+                        critical_of_param[id(param)] = result.critical_per_group[j]
+            if preconditioned and self.per_layer:
+                self._warn_once(
+                    f"cfl{idx}",
+                    "StabilityMonitor(per_layer=True): no local CFL number for "
+                    f"{type(optimizer).__name__}: its threshold bounds the preconditioned Hessian, "
+                    "block sharpness is of the Hessian.",
+                )
         if self.per_layer:
             out.update(self._cfl(pl_module, monitors, critical_of_param))
         return out
@@ -162,22 +170,24 @@ class StabilityMonitor(Callback):
         monitors: dict[int, SharpnessMonitor],
         critical_of_param: dict[int, float],
     ) -> dict[str, float]:
-        """Local CFL number of every layer a per-layer SharpnessMonitor measured."""
+        """Local CFL number of every layer a per-layer SharpnessMonitor measured.
+
+        A layer is :func:`lightning_eos.layers.layers`'s: the module that directly owns the parameters
+        (a tied parameter belongs to its first owner only), root-owned ones under ``"(root)"`` -- the
+        same definition the SharpnessMonitor's per-layer blocks use, so every measured block has its
+        parameters here.
+        """
         out: dict[str, float] = {}
-        modules = dict(pl_module.named_modules())
         for monitor in monitors.values():
             last = monitor.last
             if last is None or not last.layers:
                 continue
             for layer, sharpness in last.layers.items():
-                module = modules.get(layer)
-                if module is None:
+                try:
+                    members = layer_parameters(pl_module, layer)
+                except ValueError:  # not a layer of this module (a record restored from another model)
                     continue
-                crit = [
-                    critical_of_param[id(q)]
-                    for q in module.parameters(recurse=False)
-                    if id(q) in critical_of_param
-                ]
+                crit = [critical_of_param[id(q)] for q in members if id(q) in critical_of_param]
                 if crit:
                     # A layer split over groups is bound by its most restrictive group.
                     out[f"{self.log_prefix}/cfl/{layer}"] = (

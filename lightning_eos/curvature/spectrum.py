@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eos.bounds import optimizer_preconditioner
 from lightning_eos.layers import ROOT_LAYER
 from lightning_eos.layers import layers as layers_of
 
@@ -228,64 +229,6 @@ def layerwise_eigenvalues(
     return out
 
 
-def optimizer_preconditioner(
-    optimizer: torch.optim.Optimizer,
-    params: Sequence[nn.Parameter],
-    missing_state: str = "error",
-) -> torch.Tensor:
-    """The diagonal preconditioner ``P`` (flat float64, ``params`` order) an adaptive optimizer applies.
-
-    * Adam/AdamW (state ``exp_avg_sq``, ``step``): ``P = sqrt(v / (1 − β2^t)) + eps`` (with
-      ``amsgrad``: ``max_exp_avg_sq`` instead of ``v``), as in Cohen et al. 2022.
-    * RMSprop (``square_avg``): ``P = sqrt(v) + eps``; centered: ``sqrt(v − grad_avg²) + eps``.
-    * Adagrad (``sum``): ``P = sqrt(sum) + eps``.
-
-    A parameter without state yet (no optimizer step taken): ``missing_state="error"`` raises a
-    ``ValueError``, ``"identity"`` uses ``P = 1`` for it.
-    """
-    if missing_state not in ("error", "identity"):
-        raise ValueError(f"missing_state must be 'error' or 'identity', got {missing_state!r}")
-    group_of: dict[int, dict[str, Any]] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            group_of[id(p)] = group
-    parts: list[torch.Tensor] = []
-    for p in params:
-        if id(p) not in group_of:
-            raise ValueError(f"a parameter of shape {tuple(p.shape)} is not managed by the optimizer")
-        group = group_of[id(p)]
-        state = optimizer.state.get(p, {})
-        eps = float(group.get("eps", 0.0))
-        if float(state.get("step", 1)) <= 0:
-            state = {}  # allocated but no step taken (Adam lazily, Adagrad in __init__): none yet
-        if "exp_avg_sq" in state:
-            v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-            step = float(state["step"])
-            beta2 = float(group["betas"][1])
-            P = (v.double() / (1.0 - beta2**step)).sqrt() + eps
-        elif "square_avg" in state:
-            v = state["square_avg"].double()
-            if group.get("centered", False) and "grad_avg" in state:
-                v = v - state["grad_avg"].double().pow(2)
-            P = v.clamp_min(0).sqrt() + eps
-        elif "sum" in state:
-            P = state["sum"].double().sqrt() + eps
-        elif not state:
-            if missing_state == "error":
-                raise ValueError(
-                    f"the optimizer has no state for a parameter of shape {tuple(p.shape)} (no step taken"
-                    " yet?): take a step first or pass missing_state='identity'"
-                )
-            P = torch.ones(p.shape, dtype=torch.float64, device=p.device)
-        else:
-            raise ValueError(
-                f"unsupported optimizer state keys {sorted(state)}: expected Adam/AdamW (exp_avg_sq),"
-                " RMSprop (square_avg) or Adagrad (sum)"
-            )
-        parts.append(P.reshape(-1).to(p.device))
-    return torch.cat(parts)
-
-
 def preconditioned_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -306,10 +249,10 @@ def preconditioned_sharpness(
     missing_state: str = "error",
     block_size: int = 1,
 ) -> EigenResult:
-    """Eigenvalues of ``P^{-1/2} H P^{-1/2}`` with ``P`` read from ``optimizer`` (see
-    :func:`optimizer_preconditioner`): the preconditioned sharpness of Cohen et al. 2022, to compare
-    with ``2/lr`` (Adam: ``(2 + 2β1)/((1 − β1)·lr)``). Eigenvectors, if requested, are those of the
-    symmetric form (map back with ``P^{-1/2}``).
+    """Eigenvalues of ``P^{-1/2} H P^{-1/2}`` with ``P`` read from ``optimizer`` by
+    :func:`lightning_eos.bounds.optimizer_preconditioner` (re-exported here): the preconditioned
+    sharpness of Cohen et al. 2022, to compare with ``2/lr`` (Adam: ``(2 + 2β1)/((1 − β1)·lr)``).
+    Eigenvectors, if requested, are those of the symmetric form (map back with ``P^{-1/2}``).
     """
     solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size)
     op = HessianOperator(
