@@ -42,7 +42,9 @@ class StabilityMonitor(Callback):
     """Log applied LR, critical sharpness and LR margin per optimizer and param group, every step.
 
     Args:
-        every_n_steps: log every this many stepping batches (1 = every real optimizer step).
+        every_n_steps: log every this many stepping batches (1 = every real optimizer step);
+            ``None`` (default) follows the Trainer's ``log_every_n_steps``, as Lightning's own step
+            metrics do (the values are cheap, the logging of one key per group and step is not).
         per_layer: also log each layer's local CFL number ``λ_layer / critical(group of the layer)``
             from the last measurement of a ``SharpnessMonitor(per_layer=True)``.
         log_prefix: prefix of every logged key.
@@ -54,10 +56,12 @@ class StabilityMonitor(Callback):
     SharpnessMonitor in ``callbacks`` so that a step's margin uses that same step's measurement.
     """
 
-    def __init__(self, every_n_steps: int = 1, per_layer: bool = False, log_prefix: str = "eos") -> None:
+    def __init__(
+        self, every_n_steps: int | None = None, per_layer: bool = False, log_prefix: str = "eos"
+    ) -> None:
         super().__init__()
         check = ArgCheck("StabilityMonitor")
-        check.positive_int("every_n_steps", every_n_steps)
+        check.positive_int("every_n_steps", every_n_steps, allow_none=True)
         check.flag("per_layer", per_layer)
         check.log_prefix("log_prefix", log_prefix)
         self.every_n_steps = every_n_steps
@@ -107,7 +111,8 @@ class StabilityMonitor(Callback):
         applied = self._tracker.applied
         if not applied:  # accumulation micro-batch: nothing was applied
             return
-        if logging_step(trainer) % self.every_n_steps != 0:
+        every = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
+        if logging_step(trainer) % max(every, 1) != 0:
             return
         metrics = self._metrics(trainer, pl_module, applied)
         self.last_metrics = metrics

@@ -106,7 +106,7 @@ def _monitors(**kw: Any) -> list[pl.Callback]:
         SharpnessMonitor(
             every_n_steps=1, probe_size=64, probe_batch_size=32, which="both", per_layer=True, **kw
         ),
-        StabilityMonitor(per_layer=True),
+        StabilityMonitor(every_n_steps=1, per_layer=True),
     ]
 
 
@@ -165,7 +165,7 @@ def test_bitwise_identical_with_current_probe_and_eval_mode() -> None:
 def test_bitwise_identical_on_lightnings_boring_model() -> None:
     kw = {"max_steps": 6, "limit_train_batches": 3}
     plain = _run(BoringModel, [], **kw)
-    monitors = [SharpnessMonitor(every_n_steps=1, probe_size=16, k=2), StabilityMonitor()]
+    monitors = [SharpnessMonitor(every_n_steps=1, probe_size=16, k=2), StabilityMonitor(every_n_steps=1)]
     watched = _run(BoringModel, monitors, **kw)
     _assert_identical(plain, watched)
     assert len(monitors[0].history) == 6 and len(monitors[0].history[0].eigenvalues) == 2
@@ -203,7 +203,7 @@ def test_mixed_precision_probe_runs_in_float32_and_does_not_interfere(
     plain = _run(plain_model, [], **kw, **_mixed(precision))
     monitor = SharpnessMonitor(every_n_steps=1, probe="current")
     watched_model = AutocastProbe()
-    watched = _run(watched_model, [monitor, StabilityMonitor()], **kw, **_mixed(precision))
+    watched = _run(watched_model, [monitor, StabilityMonitor(every_n_steps=1)], **kw, **_mixed(precision))
     _assert_identical(plain, watched)
     assert all(seen == (True, dtype) for seen in plain_model.seen)  # the real steps: autocast
     assert len(monitor.history) == 4 and all(r.finite for r in monitor.history)
@@ -250,7 +250,7 @@ class ManualBoring(BoringModel):
 def test_bitwise_identical_under_manual_optimization(probe: str) -> None:
     kw = {"max_steps": 4, "limit_train_batches": 4}
     plain = _run(ManualBoring, [], **kw)
-    monitors = [SharpnessMonitor(every_n_steps=1, probe=probe, probe_size=16), StabilityMonitor()]
+    monitors = [SharpnessMonitor(every_n_steps=1, probe=probe, probe_size=16), StabilityMonitor(every_n_steps=1)]
     watched = _run(ManualBoring, monitors, **kw)
     _assert_identical(plain, watched)
     assert len(monitors[0].history) == 4 and all(r.finite for r in monitors[0].history)
@@ -274,7 +274,7 @@ class TinyTextTransformer(LightningTransformer):
 def test_bitwise_identical_on_lightnings_demo_transformer() -> None:
     kw = {"max_steps": 4, "accumulate_grad_batches": 2}
     plain = _run(TinyTextTransformer, [], **kw)
-    monitors = [SharpnessMonitor(every_n_steps=1, probe_size=4, max_iter=20, tol=1e-2), StabilityMonitor()]
+    monitors = [SharpnessMonitor(every_n_steps=1, probe_size=4, max_iter=20, tol=1e-2), StabilityMonitor(every_n_steps=1)]
     watched = _run(TinyTextTransformer, monitors, **kw)
     _assert_identical(plain, watched)
     assert len(monitors[0].history) == 4 and all(r.finite for r in monitors[0].history)
@@ -288,7 +288,7 @@ def test_all_callbacks_on_lightnings_demo_transformer_with_a_lockstep_twin() -> 
     twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
     callbacks = [
         SharpnessMonitor(every_n_steps=2, probe_size=4, max_iter=20, tol=1e-2),
-        StabilityMonitor(),
+        StabilityMonitor(every_n_steps=1),
         twin,
     ]
     watched = _run(TinyTextTransformer, callbacks, **kw)

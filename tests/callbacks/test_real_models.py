@@ -60,7 +60,7 @@ def _monitor(mode: str, every_n_steps: int = 3, **kw: Any) -> SharpnessMonitor:
 def test_all_callbacks_leave_the_run_bitwise_unchanged(case: Case, mode: str) -> None:
     monitor = _monitor(mode)
     twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
-    watched = fit(case, [monitor, StabilityMonitor(), twin])
+    watched = fit(case, [monitor, StabilityMonitor(every_n_steps=1), twin])
     assert_identical(_plain(case.name), watched.result)
     assert [r.step for r in monitor.history] == [1, 4]  # steps 1 and 4: both epochs measured
     assert all(math.isfinite(r.sharpness) for r in monitor.history), [r.sharpness for r in monitor.history]
@@ -117,7 +117,7 @@ def test_recorded_sharpness_equals_a_direct_core_call(case: Case, mode: str) -> 
 def test_monitors_under_manual_optimization_leave_the_run_unchanged(mode: str) -> None:
     case = CASES["manual_boring"]
     monitor = _monitor(mode)
-    watched = fit(case, [monitor, StabilityMonitor()])
+    watched = fit(case, [monitor, StabilityMonitor(every_n_steps=1)])
     assert_identical(_plain(case.name), watched.result)
     assert [r.step for r in monitor.history] == [1, 4]
     assert all(math.isfinite(r.sharpness) for r in monitor.history)

@@ -35,7 +35,7 @@ def test_argument_errors_name_the_callbacks() -> None:
     # One validator module for all three callbacks: one message format.
     with pytest.raises(
         ValueError,
-        match=r"^StabilityMonitor: every_n_steps=0 is not supported; accepted values: a positive int\.$",
+        match=r"^StabilityMonitor: every_n_steps=0 is not supported; accepted values: a positive int or None\.$",
     ):
         StabilityMonitor(every_n_steps=0)
     with pytest.raises(
@@ -47,9 +47,19 @@ def test_argument_errors_name_the_callbacks() -> None:
         SharpnessMonitor(k=3, max_iter=2)
 
 
+def test_default_logs_at_the_trainers_log_every_n_steps() -> None:
+    logger = MemoryLogger()
+    quiet_fit(
+        make_trainer(max_steps=7, callbacks=[StabilityMonitor()], logger=logger, log_every_n_steps=3),
+        StepScheduledMLP(),
+        DigitsDataModule(200),
+    )
+    assert [s for s, _ in logger.series("eos/lr/pg0")] == [0, 3, 6]
+
+
 def test_applied_lr_every_step_under_a_step_scheduler() -> None:
     logger = MemoryLogger()
-    monitor = StabilityMonitor()
+    monitor = StabilityMonitor(every_n_steps=1)
     quiet_fit(
         make_trainer(max_steps=5, callbacks=[monitor], logger=logger),
         StepScheduledMLP(),
@@ -78,7 +88,7 @@ class TwoGroupMLP(DigitsMLP):
 def test_param_groups_binding_group_margin_and_local_cfl() -> None:
     logger = MemoryLogger()
     sharp = SharpnessMonitor(every_n_steps=2, probe_size=100, per_layer=True)
-    stab = StabilityMonitor(per_layer=True)
+    stab = StabilityMonitor(every_n_steps=1, per_layer=True)
     quiet_fit(
         make_trainer(max_steps=3, callbacks=[sharp, stab], logger=logger),
         TwoGroupMLP(),
@@ -128,7 +138,7 @@ class ManualGAN(DigitsMLP):
 def test_manual_optimization_with_two_optimizers() -> None:
     logger = MemoryLogger()
     sharp = SharpnessMonitor(every_n_steps=1, probe="current", optimizer_idx=1, tol=1e-8, max_iter=200)
-    stab = StabilityMonitor()
+    stab = StabilityMonitor(every_n_steps=1)
     model = ManualGAN()
     quiet_fit(make_trainer(max_steps=4, callbacks=[sharp, stab], logger=logger), model, DigitsDataModule(300))
     assert [r.step for r in sharp.history] == [2, 4]  # global_step counts both optimizers' steps
@@ -148,7 +158,7 @@ def test_manual_optimization_with_two_optimizers() -> None:
 
 def test_adam_is_preconditioned_with_its_threshold() -> None:
     sharp = SharpnessMonitor(every_n_steps=1, probe_size=100)
-    stab = StabilityMonitor()
+    stab = StabilityMonitor(every_n_steps=1)
     quiet_fit(
         make_trainer(max_steps=2, callbacks=[sharp, stab]),
         DigitsMLP(lr=0.01, optimizer="adam"),
@@ -173,7 +183,7 @@ def test_adam_margin_and_cfl_never_mix_hessian_and_preconditioned_thresholds(
     # Adam's threshold bounds λ(P⁻¹H). Block sharpness (per layer) is of H, and so is the sharpness
     # of a preconditioned=False monitor: dividing either by Adam's threshold is a wrong number.
     sharp = SharpnessMonitor(every_n_steps=1, probe_size=100, per_layer=True, preconditioned=preconditioned)  # type: ignore[arg-type]
-    stab = StabilityMonitor(per_layer=True)
+    stab = StabilityMonitor(every_n_steps=1, per_layer=True)
     with pytest.warns(RuntimeWarning):
         make_trainer(max_steps=2, callbacks=[sharp, stab]).fit(
             DigitsMLP(lr=0.01, optimizer="adam"), DigitsDataModule(300)
@@ -202,7 +212,7 @@ def test_both_monitors_take_their_thresholds_from_bounds_assess(monkeypatch: pyt
 
     monkeypatch.setattr(bounds, "assess", spy)
     sharp = SharpnessMonitor(every_n_steps=1, probe_size=100, batch_sharpness=False)
-    stab = StabilityMonitor()
+    stab = StabilityMonitor(every_n_steps=1)
     quiet_fit(make_trainer(max_steps=2, callbacks=[sharp, stab]), TwoGroupMLP(), DigitsDataModule(300))
     assert len(calls) == 4  # per step: the SharpnessMonitor, then the StabilityMonitor
     last, mine, theirs = sharp.last, calls[-2], calls[-1]
@@ -260,7 +270,7 @@ def ones_loader() -> DataLoader:
 def test_sgd_maximize_measures_the_hessian_of_the_descended_objective(maximize: bool) -> None:
     sign = -1.0 if maximize else 1.0
     sharp = SharpnessMonitor(every_n_steps=1, probe_size=None, which="both", tol=1e-10, max_iter=20)
-    stab = StabilityMonitor()
+    stab = StabilityMonitor(every_n_steps=1)
     model = Quadratic(lr=0.1, maximize=maximize)
     quiet_fit(make_trainer(max_steps=2, callbacks=[sharp, stab]), model, ones_loader())
     descended = sorted(sign * e for e in EIGS)  # spectrum of the Hessian of ±loss
@@ -283,7 +293,7 @@ def test_adam_maximize_measures_the_preconditioned_descended_hessian() -> None:
     from lightning_eos import bounds
 
     sharp = SharpnessMonitor(every_n_steps=1, probe_size=None, tol=1e-10, max_iter=20)
-    stab = StabilityMonitor()
+    stab = StabilityMonitor(every_n_steps=1)
     model = Quadratic(optimizer="adam", lr=0.01, maximize=True)
     trainer = make_trainer(max_steps=2, callbacks=[sharp, stab])
     quiet_fit(trainer, model, ones_loader())
@@ -348,7 +358,7 @@ def test_cfl_for_every_measured_layer_with_root_and_tied_parameters() -> None:
     gen = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randint(0, 6, (40,), generator=gen), torch.randn(40, 6, generator=gen))
     sharp = SharpnessMonitor(every_n_steps=1, probe_size=None, per_layer=True, batch_sharpness=False)
-    stab = StabilityMonitor(per_layer=True)
+    stab = StabilityMonitor(every_n_steps=1, per_layer=True)
     quiet_fit(
         make_trainer(max_steps=2, callbacks=[sharp, stab]), TiedWithRoot(), DataLoader(data, batch_size=40)
     )
