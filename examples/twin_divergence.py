@@ -51,8 +51,8 @@ def run(lr: float, steps: int, dtype: torch.dtype, monitors: bool) -> dict[str, 
     sharpness = [(r.step, r.sharpness) for r in sharp.history] if sharp is not None else []
     return {
         "lr": lr,
-        "steps": [r["step"] for r in twin.history],
-        "gap": [r["divergence"] for r in twin.history],
+        "steps": [r.step for r in twin.history],
+        "gap": [r.divergence for r in twin.history],
         "summary": twin.summary(),
         "sharpness": sharpness,
     }

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-__all__ = ["Record", "SharpnessRecord"]
+__all__ = ["Record", "SharpnessRecord", "TwinRecord"]
 
 RecordT = TypeVar("RecordT", bound="Record")
 
@@ -131,3 +131,99 @@ class SharpnessRecord(Record):
     def finite(self) -> bool:
         """True when the measurement produced a finite sharpness."""
         return math.isfinite(self.sharpness)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TwinRecord(Record):
+    """One reading of the bit-perturbed twin (:class:`lightning_eos.twin.TwinEngine`, logged by
+    :class:`lightning_eos.callbacks.TwinDivergence`).
+
+    Gaps are dimensionless; growth rates are in 1/step; amplifications in decades. A value of ``nan``
+    means "not measured" (``d_metric`` without ``d_metric=True``) or "not defined yet" (a growth rate
+    before two nonzero gaps); a first-step field of ``-1`` means "not yet".
+
+    Attributes:
+        step: optimizer steps the twin has taken (0: right after the perturbation).
+        global_step: the caller's step label (the trainer's ``global_step``).
+        log_step: x-axis value the scalars were logged at (Lightning's ``_batches_that_stepped``).
+        epoch: training epoch of the reading.
+        divergence: relative L1 gap ``Σ|w − w'| / Σ|w|`` over all floating parameters.
+        growth_rate: least-squares slope of ``ln divergence`` over the last ``window`` steps.
+        amplification: ``log10(divergence / reference)``.
+        reference: the first nonzero gap (the step-0 gap for ``"ulp"``), 0 if none yet.
+        max_divergence: the largest finite gap so far.
+        d_metric: the paper's ``D = 2·mean(|w − w'| / (|w| + |w'|))`` (``d_metric=True`` only).
+        first_step_nonzero: first twin step with a nonzero gap.
+        first_step_above: first twin step with a gap above the engine's ``threshold``.
+        first_step_nonfinite: first twin step whose loss or weights were not finite.
+        nonfinite: True on the one record at which a non-finite twin was first noticed.
+        event_count: restrained-instability events found up to and including this record.
+        events: the events found at this record (plain dicts, see
+            :class:`lightning_eos.twin.EventDetector`).
+        layers: per-layer gap, layer name (:mod:`lightning_eos.layers`) -> divergence.
+        layer_growth_rate / layer_amplification / layer_first_step_nonzero: the same per layer.
+    """
+
+    step: int
+    global_step: int = 0
+    log_step: int = 0
+    epoch: int = 0
+    divergence: float = _NAN
+    growth_rate: float = _NAN
+    amplification: float = _NAN
+    reference: float = 0.0
+    max_divergence: float = _NAN
+    d_metric: float = _NAN
+    first_step_nonzero: int = -1
+    first_step_above: int = -1
+    first_step_nonfinite: int = -1
+    nonfinite: bool = False
+    event_count: int = 0
+    events: tuple[Mapping[str, Any], ...] = ()
+    layers: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    layer_growth_rate: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    layer_amplification: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    layer_first_step_nonzero: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["events"] = [dict(e) for e in self.events]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TwinRecord:
+        rec = super().from_dict(data)
+        return dataclasses.replace(
+            rec,
+            events=tuple(dict(e) for e in rec.events),
+            layers=dict(rec.layers),
+            layer_growth_rate=dict(rec.layer_growth_rate),
+            layer_amplification=dict(rec.layer_amplification),
+            layer_first_step_nonzero=dict(rec.layer_first_step_nonzero),
+        )
+
+    def scalars(self, prefix: str = "twin") -> dict[str, float]:
+        """The scalars this record is logged as, ``{prefix}/...`` -> value (finite values only).
+
+        ``divergence`` and ``divergence/<layer>``, ``d_metric`` (when measured), ``growth_rate`` and
+        ``growth_rate/<layer>``, ``amplification``, ``restrained_instability`` (the event count) and
+        ``nonfinite`` (1, on the record that noticed a non-finite twin).
+        """
+        p = prefix
+        pairs: list[tuple[str, float]] = [(f"{p}/divergence", self.divergence)]
+        pairs += [(f"{p}/divergence/{k}", v) for k, v in self.layers.items()]
+        pairs.append((f"{p}/d_metric", self.d_metric))
+        pairs.append((f"{p}/growth_rate", self.growth_rate))
+        pairs += [(f"{p}/growth_rate/{k}", v) for k, v in self.layer_growth_rate.items()]
+        pairs.append((f"{p}/amplification", self.amplification))
+        pairs.append((f"{p}/restrained_instability", float(self.event_count)))
+        if self.nonfinite:
+            pairs.append((f"{p}/nonfinite", 1.0))
+        return {k: float(v) for k, v in pairs if math.isfinite(v)}
+
+    def __getitem__(self, key: str) -> Any:
+        """``record["divergence"]``: read access by field name, for code written against the plain-dict
+        records of earlier versions (prefer attributes). Unknown names raise ``KeyError``."""
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from lightning_eos.records import TwinRecord
 from lightning_eos.twin import TwinEngine, apply_ulp, check_rescale_supported
 
 
@@ -56,8 +59,8 @@ def test_gd_growth_rate_matches_linear_theory(lr: float) -> None:
     real = Quadratic(eigs)
     engine = run_lockstep(real, torch.optim.SGD(real.parameters(), lr=lr), 70, window=20)
     r = engine.record()
-    assert r["growth_rate"] == pytest.approx(math.log(rho), rel=0.02)
-    assert r["amplification"] > 8  # decades
+    assert r.growth_rate == pytest.approx(math.log(rho), rel=0.02)
+    assert r.amplification > 8  # decades
 
 
 def test_gd_below_stability_does_not_grow() -> None:
@@ -66,8 +69,8 @@ def test_gd_below_stability_does_not_grow() -> None:
     real = Quadratic(eigs)
     engine = run_lockstep(real, torch.optim.SGD(real.parameters(), lr=lr), 100, window=20)
     r = engine.record()
-    assert r["amplification"] <= 0.05
-    assert not r["growth_rate"] > 0.01
+    assert r.amplification <= 0.05
+    assert not r.growth_rate > 0.01
 
 
 def test_heavy_ball_growth_rate_matches_characteristic_root() -> None:
@@ -78,7 +81,7 @@ def test_heavy_ball_growth_rate_matches_characteristic_root() -> None:
     real = Quadratic(eigs, seed=1)
     opt = torch.optim.SGD(real.parameters(), lr=lr, momentum=beta)
     engine = run_lockstep(real, opt, 70, window=20)
-    assert engine.record()["growth_rate"] == pytest.approx(math.log(rho), rel=0.02)
+    assert engine.record().growth_rate == pytest.approx(math.log(rho), rel=0.02)
 
 
 def test_none_stays_bitwise_equal_with_adam() -> None:
@@ -97,7 +100,7 @@ def test_none_stays_bitwise_equal_with_adam() -> None:
         opt.step()
         engine.backward(lambda m: m.loss())
         engine.step()
-        assert engine.read()["divergence"] == 0.0
+        assert engine.read().divergence == 0.0
     s = engine.summary()
     assert s["deterministic"] is True and s["first_nonzero"] is None
 
@@ -114,14 +117,14 @@ def test_rescale_k1_bit_identical_and_k3_differs_by_roundoff() -> None:
             engine = TwinEngine(real, perturbation="rescale", rescale_k=k)
             engine.attach_optimizer(opt)
             engine.start()
-            assert engine.read()["divergence"] == 0.0  # identical start
+            assert engine.read().divergence == 0.0  # identical start
             for _ in range(3):
                 opt.zero_grad()
                 real(x).square().mean().backward()
                 opt.step()
                 engine.backward(lambda m: m(x).square().mean())
                 engine.step()
-            gap = engine.read()["divergence"]
+            gap = engine.read().divergence
             if k == 1.0:
                 assert gap == 0.0
             else:
@@ -186,8 +189,8 @@ def test_state_dict_roundtrip_weights_only_and_bitwise_continuation() -> None:
             e.backward(lambda m: m.loss())
             e.step()
     assert torch.equal(engine.twin.w, engine2.twin.w)
-    assert repr(engine.read()) == repr(engine2.read())  # repr: NaN entries compare equal
-    assert engine.read()["growth_rate"] > 0.5
+    assert engine.read() == engine2.read()  # records: NaN entries compare equal
+    assert engine.read().growth_rate > 0.5
     assert len(engine2.history) == 1
 
 
@@ -202,11 +205,11 @@ def test_nonfinite_is_recorded_once() -> None:
     engine.backward(lambda m: m.loss())
     engine.step()
     r = engine.record()
-    assert r.get("nonfinite") and r["first_step_nonfinite"] == 1
-    assert "nonfinite" not in engine.record()
+    assert r.nonfinite and r.first_step_nonfinite == 1
+    assert not engine.record().nonfinite
     engine.resync(opt)
-    assert engine.read()["divergence"] > 0 and engine.resyncs == 1
-    assert math.isfinite(engine.read()["divergence"])
+    assert engine.read().divergence > 0 and engine.resyncs == 1
+    assert math.isfinite(engine.read().divergence)
 
 
 def test_twin_scaler_is_its_own_and_skips_on_its_own_overflow() -> None:
@@ -232,7 +235,7 @@ def test_twin_scaler_is_its_own_and_skips_on_its_own_overflow() -> None:
     engine.step()
     assert all(torch.equal(a, b) for a, b in zip(before, engine.twin.parameters()))  # step skipped
     assert scaler.get_scale() == 512.0 and real_scaler.get_scale() == 1024.0  # its own back-off
-    assert engine.record().get("nonfinite") is None and not engine.frozen  # not a non-finite twin
+    assert not engine.record().nonfinite and not engine.frozen  # not a non-finite twin
     engine.backward(loss_fn)
     engine.step()
     assert not all(torch.equal(a, b) for a, b in zip(before, engine.twin.parameters()))  # stepped
@@ -249,3 +252,148 @@ def test_twin_scaler_is_its_own_and_skips_on_its_own_overflow() -> None:
     assert restored is not None and restored.state_dict() == saved["scaler"]
     assert restored.get_scale() == 1024.0
     assert engine2.attach_scaler(None) is None and engine2.scaler is None
+
+
+# ----------------------------------------------------------------------------------- records
+def test_history_state_dict_and_scalars_are_views_of_the_same_records() -> None:
+    real = Quadratic([14.0, 1.0])
+    opt = torch.optim.SGD(real.parameters(), lr=0.3, momentum=0.5)
+    engine = run_lockstep(real, opt, 6, window=5, layers="parameter")
+    r = engine.record(7, log_step=6, epoch=1)
+    assert isinstance(r, TwinRecord) and engine.history == [r]
+    assert (r.step, r.global_step, r.log_step, r.epoch) == (6, 7, 6, 1)
+    assert math.isnan(r.d_metric) and not r.nonfinite and r.events == () and r.event_count == 0
+    assert r["divergence"] == r.divergence and list(r.layers) == ["w"]
+    with pytest.raises(KeyError):
+        r["nope"]
+    # state_dict: the records' dicts, loadable with weights_only=True, rebuilding equal records
+    buf = io.BytesIO()
+    torch.save(engine.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert [d.keys() for d in saved["history"]] == [r.to_dict().keys()]  # plain dicts (d_metric is NaN)
+    assert [TwinRecord.from_dict(d) for d in saved["history"]] == engine.history
+    assert TwinRecord.from_dict({**r.to_dict(), "from_a_newer_version": 1}) == r
+    # the logged scalars: finite fields only (no D without d_metric=True, no growth rate yet at step 0)
+    assert r.scalars("t") == {
+        "t/divergence": r.divergence,
+        "t/divergence/w": r.layers["w"],
+        "t/growth_rate": r.growth_rate,
+        "t/growth_rate/w": r.layer_growth_rate["w"],
+        "t/amplification": r.amplification,
+        "t/restrained_instability": 0.0,
+    }
+    first = TwinEngine(Quadratic([1.0]), layers="none")
+    first.start()
+    assert set(first.record().scalars()) == {
+        "twin/divergence",
+        "twin/amplification",
+        "twin/restrained_instability",
+    }
+
+
+def test_record_equality_treats_nan_as_equal_and_compares_every_field() -> None:
+    a = TwinRecord(step=1, divergence=0.5, layers={"x": math.nan}, events=({"level": math.nan},))
+    assert a == TwinRecord.from_dict(a.to_dict())
+    assert a != dataclasses.replace(a, log_step=1)
+    assert a != dataclasses.replace(a, layers={"x": 0.0})
+
+
+# ------------------------------------------------------------------------------------ layers
+class TiedRoot(nn.Module):
+    """A tied embedding/head pair and a parameter owned by the root module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.offset = nn.Parameter(torch.randn(6, generator=g))
+        self.emb = nn.Embedding(6, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("module", ["(root)", "emb", "body"]),
+        ("parameter", ["offset", "emb.weight", "body.weight", "body.bias"]),
+        ("none", []),
+    ],
+)
+def test_layers_are_those_of_lightning_eos_layers(mode: str, expected: list[str]) -> None:
+    from lightning_eos.layers import layer_of_parameters
+
+    model = TiedRoot()
+    engine = TwinEngine(model, layers=mode)  # type: ignore[arg-type]
+    assert engine.layer_names == expected
+    if mode != "none":
+        assert engine.layer_names == list(dict.fromkeys(layer_of_parameters(model, by=mode).values()))  # type: ignore[arg-type]
+    engine.start()
+    r = engine.record()
+    assert list(r.layers) == expected and all(v > 0 for v in r.layers.values())
+
+
+def test_tied_weight_enters_the_gap_once() -> None:
+    model = TiedRoot()
+    engine = TwinEngine(model, params=["emb"])  # ulp on the tied weight only
+    engine.start()
+    r = engine.record()
+    w, t = model.emb.weight.detach(), engine.twin.emb.weight.detach()
+    assert engine.twin.head.weight is engine.twin.emb.weight  # the twin keeps the tie
+    den = sum(float(p.detach().abs().sum()) for p in model.parameters())  # unique parameters
+    assert r.divergence == pytest.approx(float((t - w).abs().sum()) / den, rel=1e-6)
+    assert r.layers["emb"] > 0 and r.layers["body"] == r.layers["(root)"] == 0.0
+
+
+# ------------------------------------------------------------------------ hooks of a step
+def test_backward_and_step_call_the_hooks_where_lightning_calls_the_modules() -> None:
+    torch.manual_seed(0)
+    real = nn.Linear(3, 1)
+    opt = torch.optim.SGD(real.parameters(), lr=0.1)
+    engine = TwinEngine(real, perturbation="none")
+    engine.attach_optimizer(opt)
+    engine.attach_scaler(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    engine.start()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    seen: list[tuple[Any, ...]] = []
+
+    def grad_norm() -> float:
+        grads = [p.grad for p in engine.twin.parameters() if p.grad is not None]
+        return float(torch.cat([g.reshape(-1) for g in grads]).norm()) if grads else 0.0
+
+    loss = engine.backward(
+        lambda m: m(x).square().mean(),
+        divide_by=2,
+        before_backward=lambda t: seen.append(("before_backward", float(t.detach()), grad_norm())),
+        after_backward=lambda: seen.append(("after_backward", grad_norm())),
+    )
+    assert loss is not None
+    engine.step(clip_val=1e-3, before_update=lambda o: seen.append(("before_update", o, grad_norm())))
+    (_, backward_tensor, before), (_, after), (_, optimizer, unscaled) = seen
+    assert backward_tensor == float(loss) / 2 * 1024.0  # the divided, scaled loss, as Lightning passes it
+    assert before == 0.0 and after > 0.0
+    assert optimizer is engine.optimizer
+    assert unscaled == pytest.approx(after / 1024.0) and unscaled > 1e-3  # unscaled, not yet clipped
+
+
+# --------------------------------------------------------------------------- torch only
+def test_the_twin_core_imports_no_lightning() -> None:
+    import ast
+    from pathlib import Path
+
+    import lightning_eos.records
+    import lightning_eos.twin
+
+    files = [*Path(lightning_eos.twin.__file__).parent.glob("*.py"), Path(lightning_eos.records.__file__)]
+    assert len(files) >= 6
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not [n for n in names if n == "lightning" or n.startswith("lightning.")], path

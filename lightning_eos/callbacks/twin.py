@@ -13,7 +13,14 @@ A thin Lightning adapter over :class:`lightning_eos.twin.TwinEngine`. Per traini
   all-reduced (mean) under DDP, unscaled (16-mixed), clipped like the real ones, and the twin's
   optimizer steps with the applied hyper-parameters (through its scaler, which may skip the step).
   The gap is measured on device; numbers reach the host only every ``every_n_steps`` twin steps,
-  when they are logged under ``twin/``.
+  when a :class:`~lightning_eos.records.TwinRecord` is made and its scalars logged under ``twin/``.
+
+The twin also receives the module's own hooks, in the order Lightning calls the real module's:
+``on_train_batch_start``, ``on_before_zero_grad``, ``on_before_backward``, ``on_after_backward``,
+``on_before_optimizer_step`` (with the twin's optimizer) and ``on_train_batch_end`` (with the twin's
+outputs) around its step; ``on_fit_start``, ``on_train_start``, ``on_train_epoch_start``,
+``on_train_epoch_end``, ``on_train_end`` from the callback's hooks of the same name; the
+validation-loop hooks around its ``validation_step`` (``validation=True``). See ``docs/twin.md``.
 
 The real module, its gradients, its optimizer, its scaler and the global RNG stream are never
 touched.
@@ -21,21 +28,26 @@ touched.
 
 from __future__ import annotations
 
-import math
+import contextlib
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_eos.callbacks._lightning import (
     OptimizerStepTracker,
     StepReplica,
+    _InertOptimizer,
+    _SilentScheduler,
     allreduce_sum,
     check_supported_strategy,
     extract_loss,
@@ -44,7 +56,8 @@ from lightning_eos.callbacks._lightning import (
     merge_custom_scalars,
 )
 from lightning_eos.callbacks._validation import ArgCheck
-from lightning_eos.isolation import RngState, capture_rng, isolated_rng, rng_devices
+from lightning_eos.isolation import RngState, capture_rng, isolated_rng, replay_rng, rng_devices
+from lightning_eos.records import TwinRecord
 from lightning_eos.twin import TwinEngine, check_rescale_supported
 
 __all__ = ["TwinDivergence", "argmax_predict"]
@@ -54,6 +67,23 @@ def argmax_predict(module: nn.Module, batch: Any) -> torch.Tensor:
     """Default ``predict_fn``: class index ``argmax(-1)`` of ``module(x)``, ``x`` the batch's first item."""
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
     return module(x).argmax(-1)
+
+
+@contextlib.contextmanager
+def _at_global_step(module: pl.LightningModule, step: int) -> Iterator[None]:
+    """In the block, the replica's trainer view (see :class:`StepReplica`) reports ``global_step = step``.
+
+    The replica takes its step in ``on_train_batch_end``, after the real update has counted; the real
+    module's ``training_step`` and hooks up to ``on_before_optimizer_step`` saw the count of the batch
+    start, and a module may branch on it (``if self.global_step % k == 0``). Only the view changes:
+    writes to it never reach the real trainer.
+    """
+    view = vars(module._trainer)
+    view["global_step"] = step
+    try:
+        yield
+    finally:
+        view.pop("global_step", None)
 
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
@@ -152,6 +182,7 @@ class TwinDivergence(Callback):
         self._replica: StepReplica | None = None
         self._tracker = OptimizerStepTracker()
         self._rng: RngState | None = None
+        self._batch_start_step = 0  # trainer.global_step at on_train_batch_start
         self._rng_devices: list[int] = []  # CUDA generators the real step draws from (set at fit start)
         self._pending: dict[str, Any] | None = None  # callback state loaded before on_fit_start
         self._val_real: StepReplica | None = None
@@ -162,6 +193,7 @@ class TwinDivergence(Callback):
         self._predict_failed = False  # the default predict_fn does not fit this model's batches
 
     @property
+    @override
     def state_key(self) -> str:
         # Several twins (e.g. "ulp" next to a "none" determinism check) must not share checkpoint state.
         return self._generate_state_key(
@@ -175,6 +207,7 @@ class TwinDivergence(Callback):
         )
 
     # ------------------------------------------------------------------------------ set up
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported_strategy(trainer, "TwinDivergence")
         if not pl_module.automatic_optimization:
@@ -211,8 +244,13 @@ class TwinDivergence(Callback):
             self.validation_history = list(self._pending.get("validation_history", []))
         else:
             self.engine.start()
-            self.engine.record(trainer.global_step)
+            self.engine.record(
+                trainer.global_step, log_step=logging_step(trainer), epoch=trainer.current_epoch
+            )
             self.validation_history = []  # a new twin: its history starts over with the engine's
+        self._install_optimizer_views(trainer)
+        # The replica is a copy of the module made before the module's own on_fit_start runs.
+        self._forward("on_fit_start")
         p = re.escape(self.log_prefix)
         merge_custom_scalars(
             trainer,
@@ -230,6 +268,41 @@ class TwinDivergence(Callback):
             # nan_strategy="disable": the default NaN check reads the device (a sync per batch).
             self._val_metrics = [MeanMetric(nan_strategy="disable").to(pl_module.device) for _ in range(3)]
 
+    def _install_optimizer_views(self, trainer: pl.Trainer) -> None:
+        """The replica's ``self.optimizers()`` is the twin's optimizer (an inert stand-in for the real
+        one before the twin's exists) and ``self.lr_schedulers()`` are schedulers whose ``step`` does
+        nothing: a module hook that edits or steps its optimizer changes the twin's, never the real
+        run's (the twin follows the real schedule through the applied hyper-parameters)."""
+        assert self._replica is not None and self.engine is not None
+        engine, module = self.engine, self._replica.module
+
+        def optimizers(use_pl_optimizer: bool = True) -> Any:
+            if engine.optimizer is not None:
+                return engine.optimizer
+            return _InertOptimizer(trainer.optimizers[0])
+
+        def lr_schedulers() -> Any:
+            schedulers = [_SilentScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
+            if not schedulers:
+                return None
+            return schedulers[0] if len(schedulers) == 1 else schedulers
+
+        module.optimizers = optimizers
+        module.lr_schedulers = lr_schedulers
+
+    def _forward(self, name: str, *args: Any) -> None:
+        """Call the twin replica's own LightningModule hook ``name`` (logging silenced).
+
+        For the hooks Lightning calls on the module right after this callback's hook of the same name:
+        run from the present generator states without advancing them, the replica draws the random
+        numbers the real module's hook is about to draw.
+        """
+        if self._replica is None or self.engine is None or self.engine.frozen:
+            return
+        with isolated_rng(self._rng_devices):
+            self._replica.call_hook(name, *args)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The real optimizer's and scaler's states are restored between on_fit_start and here.
         engine = self.engine
@@ -242,20 +315,37 @@ class TwinDivergence(Callback):
         # 16-mixed: the twin's own GradScaler, cloned from the real one (or its saved state).
         engine.attach_scaler(_grad_scaler(trainer), saved.get("scaler"))
         self._pending = None
+        self._forward("on_train_start")
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forward("on_train_epoch_start")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forward("on_train_epoch_end")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forward("on_train_end")
 
     # ---------------------------------------------------------------------------- training
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._tracker.on_train_batch_start(trainer)
+        self._batch_start_step = trainer.global_step
         if self.engine is not None and not self.engine.frozen:
             self._rng = capture_rng(self._rng_devices)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._tracker.on_before_optimizer_step(trainer, optimizer)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -263,29 +353,60 @@ class TwinDivergence(Callback):
         if engine is None or replica is None or engine.frozen:
             return
         precision = trainer.precision_plugin
+        accumulate = trainer.accumulate_grad_batches
+        optimizer = engine.optimizer
+        hook = replica.call_hook
+        produced: list[Any] = []
 
         def twin_loss(module: nn.Module) -> torch.Tensor | None:
             # The real step's autocast (bf16/16-mixed); backward and scaling run outside it. A
             # training_step returning None gets no backward, in the twin as in the real run.
             with precision.train_step_context():
-                return replica.training_loss(batch, batch_idx, allow_none=True)
+                output = hook("training_step", batch, batch_idx)
+            produced.append(output)
+            if batch_idx % accumulate == 0:  # Lightning: first micro-batch only, after training_step
+                hook("on_before_zero_grad", optimizer)
+            return None if output is None else extract_loss(output)
 
-        loss = engine.backward(twin_loss, self._rng, divide_by=trainer.accumulate_grad_batches)
-        if not self._tracker.stepped(trainer):
-            return  # accumulation micro-batch: gradients accumulate in the twin like in the real one
+        stepped = self._tracker.stepped(trainer)
         algorithm = trainer.gradient_clip_algorithm
-        engine.step(
-            self._tracker.applied.get(0),
-            clip_val=trainer.gradient_clip_val,
-            clip_algorithm="value" if algorithm is not None and algorithm.value == "value" else "norm",
-            grad_transform=self._ddp_mean(trainer),
-            loss=loss,
-            # Under a GradScaler Lightning makes no update when the last training_step returned None
-            # (its outputs are then empty).
-            skip_update=not outputs and engine.scaler is not None,
+        clip_algorithm: Literal["norm", "value"] = (
+            "value" if algorithm is not None and algorithm.value == "value" else "norm"
         )
-        if engine.steps % self.every_n_steps == 0:
+        # One replay for the whole replica step, hooks included: they draw what the real ones drew.
+        with replay_rng(self._rng) if self._rng is not None else contextlib.nullcontext():
+            # Up to the update the real module saw the step count of the batch start.
+            with _at_global_step(replica.module, self._batch_start_step):
+                hook("on_train_batch_start", batch, batch_idx)
+                loss = engine.backward(
+                    twin_loss,
+                    divide_by=accumulate,
+                    before_backward=functools.partial(hook, "on_before_backward"),
+                    after_backward=functools.partial(hook, "on_after_backward"),
+                )
+                if stepped:  # else an accumulation micro-batch: gradients accumulate as in the real run
+                    engine.step(
+                        self._tracker.applied.get(0),
+                        clip_val=trainer.gradient_clip_val,
+                        clip_algorithm=clip_algorithm,
+                        grad_transform=self._ddp_mean(trainer),
+                        loss=loss,
+                        # Under a GradScaler Lightning makes no update when the last training_step
+                        # returned None (its outputs are then empty).
+                        skip_update=not outputs and engine.scaler is not None,
+                        before_update=functools.partial(hook, "on_before_optimizer_step"),
+                    )
+            hook("on_train_batch_end", self._step_outputs(produced, accumulate), batch, batch_idx)
+        if stepped and engine.steps % self.every_n_steps == 0:
             self._record_and_log(trainer)
+
+    @staticmethod
+    def _step_outputs(produced: list[Any], accumulate: int) -> Any:
+        """The replica's ``outputs`` for ``on_train_batch_end``, built from its own ``training_step``
+        output as Lightning builds the real ones (``{"loss": loss / N detached, **extra}``, or ``{}``)."""
+        with torch.no_grad():
+            result = ClosureResult.from_training_step_output(produced[0] if produced else None, accumulate)
+        return {} if result.loss is None else result.asdict()
 
     @staticmethod
     def _ddp_mean(trainer: pl.Trainer) -> Callable[[list[torch.Tensor]], None] | None:
@@ -341,30 +462,12 @@ class TwinDivergence(Callback):
     def _record_and_log(self, trainer: pl.Trainer) -> None:
         engine = self.engine
         assert engine is not None
-        r = engine.record(trainer.global_step)
-        metrics: dict[str, float] = {}
-        p = self.log_prefix
-
-        def put(key: str, value: float) -> None:
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                metrics[key] = float(value)
-
-        put(f"{p}/divergence", r["divergence"])
-        for layer, value in r["layers"].items():
-            put(f"{p}/divergence/{layer}", value)
-        if self.d_metric:
-            put(f"{p}/d_metric", r["d_metric"])
-        put(f"{p}/growth_rate", r["growth_rate"])
-        for layer, value in r["layer_growth_rate"].items():
-            put(f"{p}/growth_rate/{layer}", value)
-        put(f"{p}/amplification", r["amplification"])
-        put(f"{p}/restrained_instability", float(len(engine.events)))
-        if r.get("nonfinite"):
-            metrics[f"{p}/nonfinite"] = 1.0
+        r = engine.record(trainer.global_step, log_step=logging_step(trainer), epoch=trainer.current_epoch)
+        if r.nonfinite:
             action = "re-synced to the real model" if self.resync_on_nonfinite else "frozen"
             rank_zero_warn(
                 f"TwinDivergence: the twin's loss or weights became non-finite at twin step "
-                f"{r['first_step_nonfinite']}; the twin is {action}. The real training is unaffected."
+                f"{r.first_step_nonfinite}; the twin is {action}. The real training is unaffected."
             )
             if self.resync_on_nonfinite:
                 engine.resync(trainer.optimizers[0], _grad_scaler(trainer))
@@ -377,7 +480,7 @@ class TwinDivergence(Callback):
                 f"model at twin step {engine.first_nonzero['step']} (first in "
                 f"{engine.first_nonzero['layer']!r}): the training pipeline is not deterministic."
             )
-        log_metrics(trainer, metrics)
+        log_metrics(trainer, r.scalars(self.log_prefix), step=r.log_step)
 
     # -------------------------------------------------------------------------- validation
     def _validating(self, trainer: pl.Trainer) -> bool:
@@ -389,18 +492,37 @@ class TwinDivergence(Callback):
             and trainer.state.fn == "fit"
         )
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _val_replicas(self) -> list[StepReplica]:
+        """The two replicas a validation pass runs: the real model's copy and the twin."""
+        return [r for r in (self._val_real, self._replica) if r is not None]
+
+    def _forward_val(self, name: str, *args: Any) -> None:
+        """Call validation hook ``name`` on both validation replicas (their own hooks, logging silenced),
+        leaving the generator states as they were."""
+        with isolated_rng(self._rng_devices):
+            for replica in self._val_replicas():
+                replica.call_hook(name, *args)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._validating(trainer):
             return
         if self._val_real is None:
             # Shares the real weights and owns copies of its buffers and carried state: eval forwards
-            # that cannot touch the real module. Built once; buffers refreshed every epoch.
+            # that cannot touch the real module. Built once; buffers refreshed every validation.
             self._val_real = StepReplica(pl_module, trainer, share_parameters=True)
         with torch.no_grad():
             for mine, real in zip(self._val_real.module.buffers(), pl_module.buffers()):
                 mine.copy_(real)
         self._val_active = True
+        self._forward_val("on_validation_start")
 
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validating(trainer) and self._val_active:
+            self._forward_val("on_validation_epoch_start")
+
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -410,7 +532,8 @@ class TwinDivergence(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._validating(trainer) or not self._val_active or self._val_real is None:
+        replica = self._replica
+        if not self._validating(trainer) or not self._val_active or self._val_real is None or replica is None:
             return
         engine = self.engine
         assert engine is not None
@@ -422,6 +545,9 @@ class TwinDivergence(Callback):
         disagree, loss_real, loss_twin = self._val_metrics
         pred_real = pred_twin = None
         with isolated_rng(self._rng_devices), torch.no_grad():
+            # Each replica gets the real module's per-batch sequence: batch start, step, batch end.
+            for r in (self._val_real, replica):
+                r.call_hook("on_validation_batch_start", batch, batch_idx, *extra)
             with trainer.precision_plugin.val_step_context():
                 if not self._predict_failed:
                     try:
@@ -440,8 +566,10 @@ class TwinDivergence(Callback):
                             f"{self.log_prefix}/val_disagreement is not measured. Pass "
                             "predict_fn=(module, batch) -> labels, or validation=False."
                         )
-                out_real = real.validation_step(batch, batch_idx, *extra)
-                out_twin = twin.validation_step(batch, batch_idx, *extra)
+                out_real = self._val_real.call_hook("validation_step", batch, batch_idx, *extra)
+                out_twin = replica.call_hook("validation_step", batch, batch_idx, *extra)
+            self._val_real.call_hook("on_validation_batch_end", out_real, batch, batch_idx, *extra)
+            replica.call_hook("on_validation_batch_end", out_twin, batch, batch_idx, *extra)
         if pred_real is not None and pred_twin is not None:
             disagree.update((pred_real != pred_twin).float())
         try:
@@ -450,10 +578,11 @@ class TwinDivergence(Callback):
         except ValueError:
             pass  # validation_step returns no loss: only the disagreement is measured
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._validating(trainer) or not self._val_active:
             return
-        self._val_active = False
+        self._forward_val("on_validation_epoch_end")
         disagree, loss_real, loss_twin = self._val_metrics
         # compute() syncs across ranks (a collective): every rank gets here with the same updates.
         metrics: dict[str, float] = {}
@@ -468,10 +597,18 @@ class TwinDivergence(Callback):
         self.validation_history.append({"global_step": trainer.global_step, **metrics})
         log_metrics(trainer, metrics, step=logging_step(trainer))
 
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._validating(trainer) or not self._val_active:
+            return
+        self._val_active = False
+        self._forward_val("on_validation_end")
+
     # ------------------------------------------------------------------------ state/results
     @property
-    def history(self) -> list[dict[str, Any]]:
-        """Plain records (one per logged step; the first is step 0, right after the perturbation)."""
+    def history(self) -> list[TwinRecord]:
+        """The records, one per logged step (the first is step 0, right after the perturbation); the
+        logged scalars are :meth:`TwinRecord.scalars` of these, the checkpoint holds their dicts."""
         return self.engine.history if self.engine is not None else []
 
     def summary(self) -> dict[str, Any]:
@@ -483,11 +620,13 @@ class TwinDivergence(Callback):
             out["validation"] = dict(self.validation_history[-1])
         return out
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.engine is None:
             return dict(self._pending) if self._pending is not None else {}
         return {"engine": self.engine.state_dict(), "validation_history": list(self.validation_history)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in on_fit_start / on_train_start, once the twin and its optimizer exist.
         self._pending = dict(state_dict) if state_dict else None

@@ -16,12 +16,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.demos.lstm import LightningLSTM, SequenceSampler, SimpleLSTM
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_eos
 from lightning_eos.callbacks.twin import TwinDivergence
 from lightning_eos.demos import DigitsDataModule, DigitsMLP
+from lightning_eos.records import TwinRecord
 from tests.callbacks._helpers import MemoryLogger, fit_ddp_spawn, fp16_mixed, free_port, make_trainer
 
 
@@ -81,7 +83,7 @@ def test_none_perturbation_is_exactly_zero_every_step() -> None:
     assert twin.engine is not None and twin.engine.steps == 8
     assert len(twin.history) == 9  # step 0 + every step
     for rec in twin.history:
-        assert rec["divergence"] == 0.0 and all(v == 0.0 for v in rec["layers"].values())
+        assert rec.divergence == 0.0 and all(v == 0.0 for v in rec.layers.values())
     for (n, a), b in zip(model.state_dict().items(), twin.engine.twin.state_dict().values()):
         assert torch.equal(a, b), n  # weights and BatchNorm statistics
     real_state = trainer.optimizers[0].state_dict()["state"]
@@ -98,7 +100,7 @@ def test_none_perturbation_is_exactly_zero_every_step() -> None:
 def test_rescale_through_trainer(k: float) -> None:
     twin = TwinDivergence(perturbation="rescale", rescale_k=k, every_n_steps=1, validation=False)
     make_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[twin]).fit(Net(dropout=0.3))
-    gaps = [r["divergence"] for r in twin.history]
+    gaps = [r.divergence for r in twin.history]
     assert gaps[0] == 0.0  # identical start
     if k == 1.0:
         assert all(g == 0.0 for g in gaps)  # k = 1 is the plain step, bit for bit
@@ -141,7 +143,7 @@ def test_real_run_is_bitwise_unaffected(amp: bool) -> None:
             assert torch.equal(value, opt_b["state"][i][key])
     assert opt_a["param_groups"] == opt_b["param_groups"]
     assert torch.equal(rng_a, rng_b)
-    assert twin.history[-1]["divergence"] > 0  # the twin did run, perturbed
+    assert twin.history[-1].divergence > 0  # the twin did run, perturbed
 
 
 def test_resume_continues_the_twin_trajectory_bitwise(tmp_path: Path) -> None:
@@ -162,10 +164,7 @@ def test_resume_continues_the_twin_trajectory_bitwise(tmp_path: Path) -> None:
     assert resumed.engine.steps == full.engine.steps == 16
     for a, b in zip(full.engine.twin.state_dict().values(), resumed.engine.twin.state_dict().values()):
         assert torch.equal(a, b)
-    keep = ("step", "divergence", "growth_rate", "layers")
-    assert repr([{k: r[k] for k in keep} for r in full.history]) == repr(
-        [{k: r[k] for k in keep} for r in resumed.history]
-    )
+    assert resumed.history == full.history  # every field of every record (NaN equals NaN)
 
 
 class ScaleSpy(pl.Callback):
@@ -199,7 +198,7 @@ def test_fp16_mixed_none_is_exactly_zero_with_the_twins_own_scaler() -> None:
     assert min(spy.scales) < 2.0**22 and spy.scales[-1] > min(spy.scales)  # backed off, grew again
     assert scaler.state_dict() == plugin.scaler.state_dict()
     assert len(twin.history) == 9
-    assert all(r["divergence"] == 0.0 and all(v == 0.0 for v in r["layers"].values()) for r in twin.history)
+    assert all(r.divergence == 0.0 and all(v == 0.0 for v in r.layers.values()) for r in twin.history)
     for (n, a), b in zip(model.state_dict().items(), twin.engine.twin.state_dict().values()):
         assert torch.equal(a, b), n
     real_state = trainer.optimizers[0].state_dict()["state"]
@@ -225,7 +224,7 @@ def test_none_stays_zero_when_training_step_returns_none(amp: bool) -> None:
     kw: dict[str, Any] = {"plugins": [fp16_mixed(init_scale=2.0**22, growth_interval=3)]} if amp else {}
     make_trainer(max_epochs=1, gradient_clip_val=0.5, callbacks=[twin], **kw).fit(model)
     assert twin.engine is not None and twin.engine.steps == 8
-    assert all(r["divergence"] == 0.0 for r in twin.history)
+    assert all(r.divergence == 0.0 for r in twin.history)
     for a, b in zip(model.state_dict().values(), twin.engine.twin.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -247,7 +246,7 @@ def test_none_stays_zero_with_a_tensor_learning_rate() -> None:
     twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
     make_trainer(max_epochs=1, callbacks=[twin]).fit(model)
     assert twin.engine is not None and twin.engine.steps == 8
-    assert all(r["divergence"] == 0.0 for r in twin.history)
+    assert all(r.divergence == 0.0 for r in twin.history)
     assert twin.summary()["deterministic"] is True
     assert isinstance(twin.engine.optimizer.param_groups[0]["lr"], torch.Tensor)
 
@@ -297,7 +296,7 @@ def test_two_twins_in_one_run_keep_separate_checkpoint_state(tmp_path: Path) -> 
     logger = MemoryLogger()
     trainer = make_trainer(max_epochs=1, callbacks=[ulp, none], logger=logger)
     trainer.fit(Net(dropout=0.3))
-    assert ulp.history[-1]["divergence"] > 0 and none.history[-1]["divergence"] == 0.0
+    assert ulp.history[-1].divergence > 0 and none.history[-1].divergence == 0.0
     # Each twin logs under its own prefix: neither overwrites the other's curve.
     assert all(v > 0 for _, v in logger.series("twin/divergence"))
     assert [v for _, v in logger.series("determinism/divergence")] == [0.0] * 4
@@ -327,7 +326,7 @@ def test_none_stays_zero_when_a_finetuning_callback_unfreezes_a_layer() -> None:
     twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
     make_trainer(max_epochs=2, callbacks=[UnfreezeFirstLayer(), twin]).fit(model)
     assert twin.engine is not None and len(twin.engine.optimizer.param_groups) == 2
-    assert all(r["divergence"] == 0.0 for r in twin.history)
+    assert all(r.divergence == 0.0 for r in twin.history)
     for a, b in zip(model.state_dict().values(), twin.engine.twin.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -364,7 +363,7 @@ def test_fp16_mixed_resume_continues_bitwise(tmp_path: Path) -> None:
     assert resumed.engine.scaler.state_dict() == full.engine.scaler.state_dict()
     for a, b in zip(full.engine.twin.state_dict().values(), resumed.engine.twin.state_dict().values()):
         assert torch.equal(a, b)
-    assert [r["divergence"] for r in full.history] == [r["divergence"] for r in resumed.history]
+    assert [r.divergence for r in full.history] == [r.divergence for r in resumed.history]
 
 
 class HostReadCounter(TwinDivergence):
@@ -453,7 +452,7 @@ def test_nonfinite_twin_is_reported_once_and_real_run_untouched(resync: bool) ->
     assert twin.engine is not None and twin.engine.nonfinite_step == (None if resync else 4)
     assert twin.engine.frozen is (not resync)
     if resync:
-        assert twin.engine.resyncs == 1 and math.isfinite(twin.history[-1]["divergence"])
+        assert twin.engine.resyncs == 1 and math.isfinite(twin.history[-1].divergence)
         assert twin.engine.steps == 16
     else:
         assert twin.engine.steps == 4  # frozen: no more twin steps
@@ -550,6 +549,13 @@ def test_boring_model_logs_documented_keys() -> None:
     assert "twin/val_loss_gap" not in keys  # BoringModel's validation_step returns no loss
     assert "twin/divergence" in trainer.callback_metrics
     assert len(twin.history) == 4
+    # What was logged is each record's scalars, at its log step (the step-0 record, made in
+    # on_fit_start, is kept but not logged); the checkpoint holds the same records.
+    logged = [(step, m) for step, m in logger.logged if "twin/divergence" in m]
+    assert logged == [(r.log_step, r.scalars()) for r in twin.history[1:]]
+    assert [r.log_step for r in twin.history] == [0, 1, 3, 5]
+    saved = twin.state_dict()["engine"]["history"]
+    assert [TwinRecord.from_dict(d) for d in saved] == twin.history
 
 
 @pytest.mark.slow
@@ -606,7 +612,7 @@ class DumpingTwin(TwinDivergence):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            Path(self.out).write_text(json.dumps([[r["divergence"], r["growth_rate"]] for r in self.history]))
+            Path(self.out).write_text(json.dumps([[r.divergence, r.growth_rate] for r in self.history]))
 
 
 @pytest.mark.ddp
@@ -705,4 +711,342 @@ def test_none_stays_zero_with_numpy_and_python_random_in_training_step() -> None
     np.random.seed(0)  # noqa: NPY002
     random.seed(0)
     make_trainer(max_epochs=2, callbacks=[twin]).fit(HostNoise(dropout=0.3))
-    assert len(twin.history) == 17 and all(r["divergence"] == 0.0 for r in twin.history)
+    assert len(twin.history) == 17 and all(r.divergence == 0.0 for r in twin.history)
+
+
+# ----------------------------------------------------------------- the module's own hooks, on the twin
+TRAIN_HOOKS = (
+    "on_fit_start",
+    "on_train_start",
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_before_zero_grad",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+    "on_train_end",
+)
+VAL_HOOKS = (
+    "on_validation_start",
+    "on_validation_epoch_start",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+    "on_validation_epoch_end",
+    "on_validation_end",
+)
+# A distinct affine update per hook: a missed, extra or reordered hook call changes ``carry``.
+_HOOK_BUMP = {name: float(i + 1) for i, name in enumerate((*TRAIN_HOOKS, *VAL_HOOKS))}
+
+
+class HookCarrier(pl.LightningModule):
+    """Carries a number that every hook advances and the training loss depends on, and logs each
+    hook call (with what it was given) in ``calls``.
+
+    A hook the twin's replica does not receive (or receives out of order) changes its ``carry``: the
+    unperturbed twin's loss, and so its weights, then leave the real ones; after the last step it
+    shows as another final ``carry``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        state = torch.get_rng_state()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 1)
+        g = torch.Generator().manual_seed(1)
+        self.data = TensorDataset(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g))
+        torch.set_rng_state(state)
+        self.carry = 0.0
+        self.calls: list[tuple[Any, ...]] = []
+
+    def _hook(self, name: str, *detail: Any) -> None:
+        # global_step: the replica's hooks run when the real run has stepped; they must see the step
+        # the real module's hook saw.
+        self.calls.append((name, self.global_step, *detail))
+        self.carry = 0.5 * self.carry + _HOOK_BUMP[name] + 1e-3 * self.global_step
+
+    def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        return optimizer.param_groups[0]["params"][0] is self.layer.weight  # its own optimizer
+
+    def _grad(self) -> float:
+        grad = self.layer.weight.grad
+        return math.nan if grad is None else float(grad.norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        self.calls.append(("training_step", self.global_step, batch_idx))
+        x, y = batch
+        loss = nn.functional.mse_loss(self.layer(x), y) * (1.0 + 0.01 * self.carry)
+        return {"loss": loss, "carry": self.carry}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.calls.append(("validation_step", batch_idx))
+        x, y = batch
+        return nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=4)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+    # the hooks
+    def on_fit_start(self) -> None:
+        self._hook("on_fit_start")
+
+    def on_train_start(self) -> None:
+        self._hook("on_train_start")
+
+    def on_train_epoch_start(self) -> None:
+        self._hook("on_train_epoch_start")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._hook("on_train_batch_start", batch_idx)
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hook("on_before_zero_grad", self._owns(optimizer))
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._hook("on_before_backward", float(loss.detach()))
+
+    def on_after_backward(self) -> None:
+        self._hook("on_after_backward", self._grad())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hook("on_before_optimizer_step", self._owns(optimizer), self._grad())  # unclipped
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._hook("on_train_batch_end", batch_idx, sorted(outputs), float(outputs["loss"]), outputs["carry"])
+
+    def on_train_epoch_end(self) -> None:
+        self._hook("on_train_epoch_end")
+
+    def on_train_end(self) -> None:
+        self._hook("on_train_end")
+
+    def on_validation_start(self) -> None:
+        self._hook("on_validation_start")
+
+    def on_validation_epoch_start(self) -> None:
+        self._hook("on_validation_epoch_start")
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._hook("on_validation_batch_start", batch_idx)
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._hook("on_validation_batch_end", batch_idx, float(outputs))
+
+    def on_validation_epoch_end(self) -> None:
+        self._hook("on_validation_epoch_end")
+
+    def on_validation_end(self) -> None:
+        self._hook("on_validation_end")
+
+
+def _fit_hook_carrier() -> tuple[HookCarrier, TwinDivergence]:
+    model = HookCarrier()
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, layers="none")
+    make_trainer(
+        validation=True,
+        num_sanity_val_steps=0,  # the twin runs no validation in the sanity check
+        limit_val_batches=1,
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.01,
+        callbacks=[twin],
+    ).fit(model)
+    return model, twin
+
+
+def test_replica_receives_the_modules_training_hooks_so_carried_state_stays_in_lockstep() -> None:
+    model, twin = _fit_hook_carrier()
+    assert twin.engine is not None and twin.engine.steps == 4
+    replica = twin.engine.twin
+    assert isinstance(replica, HookCarrier) and replica is not model
+    assert [r.divergence for r in twin.history] == [0.0] * 5  # step 0, then every step
+    assert replica.carry == model.carry  # bitwise: every hook, in the same order, also after the last step
+    received = {call[0] for call in replica.calls}
+    assert received >= {*TRAIN_HOOKS, *VAL_HOOKS}  # each hook reached the replica ...
+    for name in (*TRAIN_HOOKS, *VAL_HOOKS):  # ... as often as the real module
+        assert [c for c in replica.calls if c[0] == name] == [c for c in model.calls if c[0] == name], name
+
+
+def test_replica_receives_the_hooks_in_the_real_modules_order_with_its_own_optimizer_and_outputs() -> None:
+    model, twin = _fit_hook_carrier()
+    assert twin.engine is not None
+    replica = twin.engine.twin
+    assert replica.calls == model.calls
+    steps = [c for c in replica.calls if c[0] == "on_before_optimizer_step"]
+    # stepping batches only, with the twin's optimizer, before clipping (gradient_clip_val=0.01)
+    assert [(step, owns) for _, step, owns, _ in steps] == [(0, True), (1, True), (2, True), (3, True)]
+    assert all(norm > 0.01 for _, _, _, norm in steps)
+    zero_grads = [c for c in replica.calls if c[0] == "on_before_zero_grad"]
+    assert len(zero_grads) == 4 and all(owns for _, _, owns in zero_grads)  # first micro-batch of a step
+    ends = [c for c in replica.calls if c[0] == "on_train_batch_end"]
+    assert [step for _, step, *_ in ends] == [0, 1, 1, 2, 2, 3, 3, 4]  # after the step, as Lightning's
+    assert all(keys == ["carry", "loss"] for _, _, _, keys, _, _ in ends)
+    # The order of one accumulated step, as Lightning calls the real module's hooks:
+    first = [c[0] for c in replica.calls[3:13]]
+    assert first == [
+        "on_train_batch_start",
+        "training_step",
+        "on_before_zero_grad",
+        "on_before_backward",
+        "on_after_backward",
+        "on_train_batch_end",
+        "on_train_batch_start",
+        "training_step",
+        "on_before_backward",
+        "on_after_backward",
+    ]
+    assert replica.calls[13][0] == "on_before_optimizer_step"
+
+
+@pytest.mark.parametrize("missed", (*TRAIN_HOOKS, *VAL_HOOKS))
+def test_a_hook_the_replica_misses_shows_as_a_lost_lockstep(
+    missed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check above can fail: without any one of the hooks the twin leaves the real module."""
+    from lightning_eos.callbacks._lightning import StepReplica
+
+    call_hook = StepReplica.call_hook
+
+    def skipping(self: StepReplica, name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == missed else call_hook(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(StepReplica, "call_hook", skipping)
+    model, twin = _fit_hook_carrier()
+    assert twin.engine is not None
+    lost = twin.engine.twin.carry != model.carry or any(r.divergence != 0.0 for r in twin.history)
+    assert lost
+
+
+class SelfSchedulingNet(HookCarrier):
+    """Its hooks edit and step its own optimizer and scheduler through ``self.optimizers()`` and
+    ``self.lr_schedulers()`` (both not idempotent): done by the replica on the real ones, the real
+    run would change."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        # Lightning would step it only every 100 epochs: the module steps it itself at epoch end.
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch", "frequency": 100}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        for group in self.optimizers().param_groups:
+            group["momentum"] *= 0.9
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self.lr_schedulers().step()
+
+
+def test_replica_hooks_edit_and_step_the_twins_optimizer_never_the_real_one() -> None:
+    def run(callbacks: list[pl.Callback]) -> tuple[SelfSchedulingNet, pl.Trainer]:
+        model = SelfSchedulingNet()
+        trainer = make_trainer(max_epochs=2, callbacks=callbacks)
+        trainer.fit(model)
+        return model, trainer
+
+    plain, plain_trainer = run([])
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
+    watched, trainer = run([twin])
+    for a, b in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(a, b)
+    (group,) = trainer.optimizers[0].param_groups
+    assert group == plain_trainer.optimizers[0].param_groups[0] | {"params": group["params"]}
+    assert group["lr"] == 0.05 * 0.5**2 and group["momentum"] == pytest.approx(0.9 * 0.9**8)
+    assert twin.engine is not None and all(r.divergence == 0.0 for r in twin.history)
+    assert twin.engine.twin.carry == watched.carry
+
+
+class TinyLSTM(LightningLSTM):
+    """Lightning's demo LSTM language model (it carries ``self.hidden`` from step to step and resets
+    it in its own ``on_train_epoch_end``), small, on random tokens through its ``SequenceSampler``."""
+
+    def __init__(self) -> None:
+        super().__init__(vocab_size=50)
+        state = torch.get_rng_state()
+        torch.manual_seed(0)
+        self.model = SimpleLSTM(vocab_size=50, ninp=16, nhid=16, nlayers=2)
+        tokens = torch.randint(0, 50, (16, 9), generator=torch.Generator().manual_seed(1))
+        torch.set_rng_state(state)
+        self.tokens = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+    def prepare_data(self) -> None:  # the demo downloads WikiText-2 here
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.tokens, batch_sampler=SequenceSampler(self.tokens, batch_size=4))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def test_demo_lstm_unperturbed_twin_stays_exact_across_the_epoch_boundary() -> None:
+    pl.seed_everything(0, verbose=False)
+    model = TinyLSTM()
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
+    trainer = make_trainer(max_epochs=2, callbacks=[twin])
+    trainer.fit(model)
+    assert trainer.global_step == 8 and trainer.current_epoch == 2
+    assert [r.step for r in twin.history] == list(range(9))
+    assert [(r.step, r.divergence) for r in twin.history if r.divergence != 0.0] == []
+    assert all(v == 0.0 for r in twin.history for v in r.layers.values())
+    assert model.hidden is None and twin.engine is not None and twin.engine.twin.hidden is None
+    for a, b in zip(model.parameters(), twin.engine.twin.parameters()):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------- one layer definition
+class TiedRootLM(pl.LightningModule):
+    """An embedding tied to the output head (``head.weight is emb.weight``) and a logit offset owned by
+    the root module (12 entries: the monitor skips blocks of dimension <= k)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        state = torch.get_rng_state()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(12, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 12, bias=False)
+        self.head.weight = self.emb.weight
+        self.offset = nn.Parameter(torch.zeros(12))
+        tokens = torch.randint(0, 12, (32, 2), generator=torch.Generator().manual_seed(1))
+        torch.set_rng_state(state)
+        self.tokens = TensorDataset(tokens[:, 0], tokens[:, 1])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(torch.tanh(self.body(self.emb(x)))) + self.offset, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.tokens, batch_size=8)
+
+
+def test_twin_and_sharpness_monitor_name_the_same_layers_tied_once_root_as_root() -> None:
+    from lightning_eos.callbacks import SharpnessMonitor
+    from lightning_eos.layers import ROOT_LAYER, layer_of_parameters
+
+    logger = MemoryLogger()
+    monitor = SharpnessMonitor(
+        every_n_steps=4, probe="current", per_layer=True, max_iter=10, tol=1e-2, batch_sharpness=False
+    )
+    twin = TwinDivergence(every_n_steps=2, validation=False)
+    model = TiedRootLM()
+    make_trainer(max_epochs=1, callbacks=[monitor, twin], logger=logger).fit(model)
+    keys = logger.keys()
+    sharpness = {k.removeprefix("eos/sharpness/") for k in keys if k.startswith("eos/sharpness/")}
+    divergence = {k.removeprefix("twin/divergence/") for k in keys if k.startswith("twin/divergence/")}
+    assert divergence == sharpness == {ROOT_LAYER, "emb", "body"}  # no "head": its weight is emb's
+    assert list(twin.history[-1].layers) == list(dict.fromkeys(layer_of_parameters(model).values()))
