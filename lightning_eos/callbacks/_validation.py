@@ -76,6 +76,11 @@ class ArgCheck:
         if not _is_real(value) or not 0.0 < value <= 1.0:
             raise self.fail(name, value, "a float in (0, 1]")
 
+    def open_unit_interval(self, name: str, value: Any) -> None:
+        """``value`` is a real number in ``(0, 1)``."""
+        if not _is_real(value) or not 0.0 < value < 1.0:
+            raise self.fail(name, value, "a float in (0, 1)")
+
     def log_prefix(self, name: str, value: Any) -> None:
         """``value`` is a non-empty str not ending in ``/`` (a TensorBoard tag prefix)."""
         if not isinstance(value, str) or not value or value.endswith("/"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from lightning_eos import bounds, curvature
+from lightning_eos.budget import MeasurementBudget
 from lightning_eos.callbacks._lightning import (
     OptimizerStepTracker,
     StepReplica,
@@ -51,6 +53,16 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 _STATE_VERSION = 1
 
 
+def _loader_batch_size(trainer: Trainer) -> int | None:
+    """Samples per training batch of the (single) train loader: its ``batch_size``, or its batch
+    sampler's (a loader built with ``batch_sampler=`` has ``batch_size=None``); None if unknown."""
+    loader = trainer.train_dataloader
+    size = getattr(loader, "batch_size", None) or getattr(
+        getattr(loader, "batch_sampler", None), "batch_size", None
+    )
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
 @contextlib.contextmanager
 def _float32_probe(device: torch.device) -> Iterator[None]:
     """Gradients on, autocast off: the probe runs in the parameters' own (float32) precision.
@@ -68,12 +80,20 @@ class SharpnessMonitor(Callback):
 
     Args:
         every_n_steps: measure every this many real optimizer steps of the monitored optimizer
-            (the first step is always measured). Accumulation micro-batches never count.
+            (the first step is always measured); accumulation micro-batches never count. Overrides
+            ``budget``. ``None`` (default): the budget decides.
+        budget: the largest share of wall time the measurements may take (0.05 = 5 %): the monitor
+            times its measurements and the training between them and measures at the first step
+            where the share since training started stays within it (:mod:`lightning_eos.budget`;
+            the first measurement too, from a cost model). Logged as ``eos/overhead``. Under DDP
+            rank zero's timings decide for every rank.
         probe: ``"fixed"``: ``probe_size`` samples drawn once (seeded, without replacement) from the
             map-style train dataset at the start of training, collated with the loader's
             ``collate_fn`` and kept on the device; ``"current"``: the current training batch.
-        probe_size: number of samples of the fixed probe (global, over all DDP ranks); ``None`` or
-            a value ≥ the dataset size takes the whole dataset (full-batch sharpness).
+        probe_size: number of samples of the fixed probe (global, over all DDP ranks); ``"batch"``
+            (default): one training batch per rank, the cheapest probe that sees as many samples as
+            a step does; ``None`` or a value ≥ the dataset size: the whole dataset (full-batch
+            sharpness; each measurement then costs that many batches' worth of passes).
         probe_batch_size: the fixed probe is evaluated in chunks of this many samples (memory);
             ``None`` uses the train loader's batch size (the whole probe if it has none).
         k: number of top eigenvalues computed (``eos/sharpness`` is the largest).
@@ -106,9 +126,10 @@ class SharpnessMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: int | None = None,
+        budget: float = 0.05,
         probe: Literal["fixed", "current"] = "fixed",
-        probe_size: int | None = 1024,
+        probe_size: int | Literal["batch"] | None = "batch",
         probe_batch_size: int | None = None,
         k: int = 1,
         which: Literal["largest", "both"] = "largest",
@@ -127,9 +148,13 @@ class SharpnessMonitor(Callback):
     ) -> None:
         super().__init__()
         check = ArgCheck("SharpnessMonitor")
-        check.positive_int("every_n_steps", every_n_steps)
+        check.positive_int("every_n_steps", every_n_steps, allow_none=True)
+        check.open_unit_interval("budget", budget)
         check.choice("probe", probe, ("fixed", "current"))
-        check.positive_int("probe_size", probe_size, allow_none=True)
+        if probe_size != "batch":
+            check.int_at_least(
+                "probe_size", probe_size, 1, allow_none=True, accepted="a positive int, 'batch'"
+            )
         check.positive_int("probe_batch_size", probe_batch_size, allow_none=True)
         check.positive_int("k", k)
         check.choice("which", which, ("largest", "both"))
@@ -147,6 +172,7 @@ class SharpnessMonitor(Callback):
         check.integer("seed", seed)
 
         self.every_n_steps = every_n_steps
+        self.budget = float(budget)
         self.probe = probe
         self.probe_size = probe_size
         self.probe_batch_size = probe_batch_size
@@ -171,6 +197,9 @@ class SharpnessMonitor(Callback):
         self._probe_weights: list[float] | None = None  # chunk size / global probe size
         self._batch_window: deque[float] = deque(maxlen=batch_sharpness_window)
         self._opt_steps = 0  # real steps of the monitored optimizer seen so far (resumable)
+        # Times training and measurements; decides when to measure unless every_n_steps is fixed.
+        self._schedule = MeasurementBudget(self.budget, first_cost_steps=1.0)
+        self._clock = 0.0  # perf_counter() at the end of the last step or measurement
         self._warned = False
         self._tracker = OptimizerStepTracker()
         self._use_preconditioned = False
@@ -233,6 +262,8 @@ class SharpnessMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe == "fixed":
             self._build_fixed_probe(trainer, pl_module)
+        self._schedule.first_cost_steps = self._first_cost_steps(trainer)
+        self._clock = time.perf_counter()
 
     @override
     def on_train_batch_start(
@@ -256,11 +287,23 @@ class SharpnessMonitor(Callback):
         if applied is None:  # accumulation micro-batch, or the monitored optimizer did not step
             return
         self._opt_steps += 1
-        if (self._opt_steps - 1) % self.every_n_steps != 0:
+        now = time.perf_counter()
+        self._schedule.observe_step(now - self._clock)
+        self._clock = now
+        if not self._due(trainer):
             return
+        device = pl_module.device
+        if device.type == "cuda":
+            # Only on a measured step: what the GPU still owes the training is not billed to the probe.
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         record = self._measure(trainer, pl_module, batch, applied)
+        self._clock = time.perf_counter()
+        self._schedule.measured(self._clock - start, agree=self._agree(trainer))
         self.history.append(record)
-        log_metrics(trainer, self._metrics(record), step=record.log_step)
+        metrics = self._metrics(record)
+        metrics[f"{self.log_prefix}/overhead"] = self._schedule.overhead
+        log_metrics(trainer, metrics, step=record.log_step)
         if not self._warned and record.ratio > self.warn_ratio:
             self._warned = True
             self._warn_edge(record)
@@ -276,6 +319,7 @@ class SharpnessMonitor(Callback):
             "batch_window": list(self._batch_window),
             "opt_steps": self._opt_steps,
             "warned": self._warned,
+            "schedule": self._schedule.state_dict(),
         }
 
     @override
@@ -289,6 +333,37 @@ class SharpnessMonitor(Callback):
         )
         self._opt_steps = int(state_dict.get("opt_steps", 0))
         self._warned = bool(state_dict.get("warned", False))
+        if state_dict.get("schedule") is not None:
+            self._schedule.load_state_dict(state_dict["schedule"])
+
+    # ------------------------------------------------------------------ schedule
+    def _due(self, trainer: Trainer) -> bool:
+        """Whether this real step of the monitored optimizer is measured (same answer on every rank)."""
+        if self.every_n_steps is not None:
+            return (self._opt_steps - 1) % self.every_n_steps == 0
+        return self._schedule.due(agree=self._agree(trainer))
+
+    @staticmethod
+    def _agree(trainer: Trainer) -> Callable[[int], int] | None:
+        """Rank zero's scheduling decision for every rank (timings differ between ranks)."""
+        if trainer.world_size <= 1:
+            return None
+        return lambda proposal: int(trainer.strategy.broadcast(proposal, src=0))
+
+    def _first_cost_steps(self, trainer: Trainer) -> float:
+        """Predicted cost of the first (cold) measurement in training steps: about 12 products of
+        ~2 gradients each plus the graph, over the probe (in train-batch units), per solve."""
+        batches = 1.0
+        if self.probe == "fixed" and self._probe_weights:
+            train_batch = _loader_batch_size(trainer) or max(self._probe_weights)
+            batches = sum(self._probe_weights) / train_batch
+        solves = 1 + (1 if self.which == "both" else 0) + (2 if self.per_layer else 0)
+        return 25.0 * batches * solves + (4.0 if self.batch_sharpness else 0.0)
+
+    @property
+    def overhead(self) -> float:
+        """Share of the wall time since training started spent in this monitor's measurements."""
+        return self._schedule.overhead
 
     # ------------------------------------------------------------------ public views
     @property
@@ -339,8 +414,12 @@ class SharpnessMonitor(Callback):
                 "batches instead."
             )
         n = len(dataset)
+        train_batch = _loader_batch_size(trainer)
         if self._probe_indices is None:
-            size = n if self.probe_size is None else min(self.probe_size, n)
+            if self.probe_size == "batch":  # one training batch per rank
+                size = min(n, (train_batch or n) * trainer.world_size)
+            else:
+                size = n if self.probe_size is None else min(self.probe_size, n)
             generator = torch.Generator().manual_seed(self.seed)  # never the global stream
             self._probe_indices = torch.randperm(n, generator=generator)[:size].sort().values
         indices = self._probe_indices
@@ -353,7 +432,7 @@ class SharpnessMonitor(Callback):
         if len(indices) < world:
             raise ValueError(f"probe_size={len(indices)} is smaller than the {world} DDP ranks sharing it.")
         local = indices[rank::world].tolist()  # every rank a disjoint shard of the same global set
-        chunk = self.probe_batch_size or getattr(loader, "batch_size", None) or len(local)
+        chunk = self.probe_batch_size or train_batch or len(local)
         collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
         batches, weights = [], []
         # Reading samples may run user transforms that draw random numbers: keep them off the real
