@@ -220,10 +220,3 @@ class TwinRecord(Record):
         if self.nonfinite:
             pairs.append((f"{p}/nonfinite", 1.0))
         return {k: float(v) for k, v in pairs if math.isfinite(v)}
-
-    def __getitem__(self, key: str) -> Any:
-        """``record["divergence"]``: read access by field name, for code written against the plain-dict
-        records of earlier versions (prefer attributes). Unknown names raise ``KeyError``."""
-        if key not in {f.name for f in dataclasses.fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)

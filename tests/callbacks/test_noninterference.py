@@ -293,4 +293,4 @@ def test_all_callbacks_on_lightnings_demo_transformer_with_a_lockstep_twin() -> 
     ]
     watched = _run(TinyTextTransformer, callbacks, **kw)
     _assert_identical(plain, watched)
-    assert len(twin.history) == 5 and all(r["divergence"] == 0.0 for r in twin.history)
+    assert len(twin.history) == 5 and all(r.divergence == 0.0 for r in twin.history)

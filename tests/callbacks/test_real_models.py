@@ -73,8 +73,8 @@ def test_unperturbed_twin_gap_is_exactly_zero_across_epochs(case: Case) -> None:
     twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
     run = fit(case, [twin])
     assert run.trainer.current_epoch == 2 and run.trainer.global_step == STEPS
-    assert [r["step"] for r in twin.history] == list(range(STEPS + 1))  # step 0, then every step
-    gaps = [(r["step"], r["divergence"], r["layers"]) for r in twin.history]
+    assert [r.step for r in twin.history] == list(range(STEPS + 1))  # step 0, then every step
+    gaps = [(r.step, r.divergence, r.layers) for r in twin.history]
     bad = [(s, d, {k: v for k, v in layers.items() if v != 0.0}) for s, d, layers in gaps if d != 0.0]
     assert not bad, f"the unperturbed twin left the real model at (step, gap, layers): {bad}"
     logged = run.logger.series("twin/divergence")
