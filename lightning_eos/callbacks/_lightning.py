@@ -15,22 +15,25 @@ The callbacks are thin adapters over the torch-only core; what they have in comm
 from __future__ import annotations
 
 import contextlib
+import functools
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_eos.isolation import replicate
 
 __all__ = [
     "OptimizerStepTracker",
+    "guarded",
     "StepReplica",
     "add_custom_scalars",
     "allreduce_sum",
@@ -58,6 +61,42 @@ def check_supported_strategy(trainer: Trainer, owner: str) -> None:
             "Supported: single device, 'ddp', 'ddp_spawn' (and other non-sharded data-parallel "
             "strategies)."
         )
+
+
+HookT = TypeVar("HookT", bound=Callable[..., Any])
+
+
+def guarded(hook: HookT) -> HookT:
+    """Make a callback's per-step hook unable to stop training.
+
+    An unexpected exception inside the hook is reported once, with its traceback, as a rank-zero
+    ``RuntimeWarning``, and the callback steps aside for the rest of the run (every guarded hook of
+    it returns at once from then on): the training goes on exactly as without the callback. With
+    ``callback.strict = True`` (the tests use it) the exception propagates instead. Set-up hooks are
+    not guarded: an unsupported setup is a clear error at setup, never a silent no-op. Under DDP the
+    exception propagates too: a rank that stepped aside alone would leave the others waiting in the
+    callback's next collective (a hang is worse than an error).
+    """
+
+    @functools.wraps(hook)
+    def run(self: Any, trainer: Trainer, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "failure", None) is not None:
+            return None
+        try:
+            return hook(self, trainer, *args, **kwargs)
+        except Exception as err:
+            if getattr(self, "strict", False) or trainer.world_size > 1:
+                raise
+            self.failure = f"{type(err).__name__}: {err}"
+            rank_zero_warn(
+                f"{type(self).__name__}: unexpected error in {hook.__name__} at step {trainer.global_step}; "
+                "the callback disables itself for the rest of the run and training goes on unchanged. "
+                f"Pass strict=True to raise instead.\n{traceback.format_exc()}",
+                category=RuntimeWarning,
+            )
+            return None
+
+    return run  # type: ignore[return-value]
 
 
 def extract_loss(output: Any) -> torch.Tensor:

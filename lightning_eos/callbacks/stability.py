@@ -27,6 +27,7 @@ from lightning_eos import bounds
 from lightning_eos.callbacks._lightning import (
     OptimizerStepTracker,
     check_supported_strategy,
+    guarded,
     log_metrics,
     logging_step,
     merge_custom_scalars,
@@ -48,6 +49,8 @@ class StabilityMonitor(Callback):
         per_layer: also log each layer's local CFL number ``λ_layer / critical(group of the layer)``
             from the last measurement of a ``SharpnessMonitor(per_layer=True)``.
         log_prefix: prefix of every logged key.
+        strict: re-raise an unexpected error inside a per-step hook instead of reporting it once and
+            stepping aside for the rest of the run (the default: training goes on unchanged).
 
     Keys (``<tag>`` is ``pg<j>`` or the group's ``"name"``, prefixed by ``opt<i>/`` when there are
     several optimizers): ``<prefix>/lr/<tag>``, ``<prefix>/critical_sharpness/<tag>``,
@@ -57,16 +60,23 @@ class StabilityMonitor(Callback):
     """
 
     def __init__(
-        self, every_n_steps: int | None = None, per_layer: bool = False, log_prefix: str = "eos"
+        self,
+        every_n_steps: int | None = None,
+        per_layer: bool = False,
+        log_prefix: str = "eos",
+        strict: bool = False,
     ) -> None:
         super().__init__()
         check = ArgCheck("StabilityMonitor")
         check.positive_int("every_n_steps", every_n_steps, allow_none=True)
         check.flag("per_layer", per_layer)
         check.log_prefix("log_prefix", log_prefix)
+        check.flag("strict", strict)
         self.every_n_steps = every_n_steps
         self.per_layer = per_layer
         self.log_prefix = log_prefix
+        self.strict = strict
+        self.failure: str | None = None  # set when an unexpected error made the monitor step aside
         self.last_metrics: dict[str, float] = {}  # what the latest logged step logged
         self._tracker = OptimizerStepTracker()
         self._warned: set[str] = set()
@@ -92,12 +102,14 @@ class StabilityMonitor(Callback):
         merge_custom_scalars(trainer, {f"{self.log_prefix}: stability": charts})
 
     @override
+    @guarded
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._tracker.on_train_batch_start(trainer)
 
     @override
+    @guarded
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -105,6 +117,7 @@ class StabilityMonitor(Callback):
         self._tracker.on_before_optimizer_step(trainer, optimizer)
 
     @override
+    @guarded
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -51,6 +51,7 @@ from lightning_eos.callbacks._lightning import (
     allreduce_sum,
     check_supported_strategy,
     extract_loss,
+    guarded,
     log_metrics,
     logging_step,
     merge_custom_scalars,
@@ -120,6 +121,8 @@ class TwinDivergence(Callback):
             perturb again (True) instead of freezing it (False).
         log_prefix: prefix of every logged key (default ``twin``); give each of several twins in one
             run its own.
+        strict: re-raise an unexpected error inside a per-step hook instead of reporting it once and
+            stepping aside for the rest of the run (the default: training goes on unchanged).
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class TwinDivergence(Callback):
         predict_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         resync_on_nonfinite: bool = False,
         log_prefix: str = "twin",
+        strict: bool = False,
     ) -> None:
         check = ArgCheck("TwinDivergence")
         check.choice("perturbation", perturbation, ("ulp", "rescale", "none"))
@@ -160,6 +164,7 @@ class TwinDivergence(Callback):
         check.optional_callable("predict_fn", predict_fn, "(module, batch) -> labels")
         check.flag("resync_on_nonfinite", resync_on_nonfinite)
         check.log_prefix("log_prefix", log_prefix)
+        check.flag("strict", strict)
         self.perturbation = perturbation
         self.params = list(params) if params is not None else None
         self.fraction = float(fraction)
@@ -177,6 +182,8 @@ class TwinDivergence(Callback):
         self.predict_fn = predict_fn or argmax_predict
         self.resync_on_nonfinite = bool(resync_on_nonfinite)
         self.log_prefix = log_prefix
+        self.strict = strict
+        self.failure: str | None = None  # set when an unexpected error made the twin step aside
 
         self.engine: TwinEngine | None = None
         self._replica: StepReplica | None = None
@@ -318,19 +325,23 @@ class TwinDivergence(Callback):
         self._forward("on_train_start")
 
     @override
+    @guarded
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._forward("on_train_epoch_start")
 
     @override
+    @guarded
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._forward("on_train_epoch_end")
 
     @override
+    @guarded
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._forward("on_train_end")
 
     # ---------------------------------------------------------------------------- training
     @override
+    @guarded
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -340,12 +351,14 @@ class TwinDivergence(Callback):
             self._rng = capture_rng(self._rng_devices)
 
     @override
+    @guarded
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._tracker.on_before_optimizer_step(trainer, optimizer)
 
     @override
+    @guarded
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -504,6 +517,7 @@ class TwinDivergence(Callback):
                 replica.call_hook(name, *args)
 
     @override
+    @guarded
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._validating(trainer):
             return
@@ -518,11 +532,13 @@ class TwinDivergence(Callback):
         self._forward_val("on_validation_start")
 
     @override
+    @guarded
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._validating(trainer) and self._val_active:
             self._forward_val("on_validation_epoch_start")
 
     @override
+    @guarded
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -579,6 +595,7 @@ class TwinDivergence(Callback):
             pass  # validation_step returns no loss: only the disagreement is measured
 
     @override
+    @guarded
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._validating(trainer) or not self._val_active:
             return
@@ -598,6 +615,7 @@ class TwinDivergence(Callback):
         log_metrics(trainer, metrics, step=logging_step(trainer))
 
     @override
+    @guarded
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._validating(trainer) or not self._val_active:
             return
