@@ -37,6 +37,7 @@ from lightning_eos.callbacks._lightning import (
     StepReplica,
     allreduce_sum,
     check_supported_strategy,
+    guarded,
     log_metrics,
     logging_step,
     merge_custom_scalars,
@@ -103,7 +104,9 @@ class SharpnessMonitor(Callback):
             trainable parameters).
         preconditioned: ``"auto"`` measures λ_max(P⁻¹H) for the Adam family (where that is what
             the threshold bounds) and λ_max(H) otherwise; ``True``/``False`` force it.
-        tol: relative residual tolerance of the eigen-solver.
+        tol: relative residual cap of the eigen-solver (``None``: the engine's default, 1e-3).
+        eig_tol: target relative error of the eigenvalues (the solver stops when its Kato–Temple
+            bound, residual²/gap, says the eigenvalue is this accurate; 1e-6).
         max_iter: maximum Hessian-vector products per eigen-solve.
         mode: ``"train"`` measures the loss as trained (dropout on, BatchNorm batch statistics);
             ``"eval"`` with the module in eval mode.
@@ -117,6 +120,18 @@ class SharpnessMonitor(Callback):
         loss_fn: ``loss_fn(model, batch) -> scalar mean loss`` (or its import path) to measure
             instead of the module's ``training_step``; ``model`` is a parameter-sharing replica.
         seed: seed of the probe draw and of the solver's start vector (never the global RNG).
+        hvp: how Hessian-vector products are computed (:class:`lightning_eos.curvature.HessianOperator`):
+            ``"auto"`` exact double backprop, falling back once (with a ``RuntimeWarning``) to central
+            finite differences of gradients when the loss has no second derivative (custom fused
+            kernels, ``@once_differentiable`` functions); ``"exact"`` raises instead;
+            ``"finite_difference"`` always uses them (2 gradients per product; relative error about
+            1e-9 in float64, 5e-4 in float32 for smooth losses, worse across ReLU kinks).
+
+        warm_start: start each solve from the previous measurement's Ritz vectors (kept in the
+            callback's state and checkpoint), so a refresh at a slowly changing Hessian costs fewer
+            products than a cold solve.
+        strict: re-raise an unexpected error inside a per-step hook instead of reporting it once and
+            stepping aside for the rest of the run (the default: training goes on unchanged).
 
     With ``maximize=True`` the optimizer descends −loss: every curvature (sharpness, λ_min, per-layer
     and batch sharpness) is then that of −loss, the objective the thresholds bound
@@ -135,7 +150,8 @@ class SharpnessMonitor(Callback):
         which: Literal["largest", "both"] = "largest",
         per_layer: bool = False,
         preconditioned: bool | Literal["auto"] = "auto",
-        tol: float = 1e-4,
+        tol: float | None = None,
+        eig_tol: float = curvature.DEFAULT_EIG_TOL,
         max_iter: int = 100,
         mode: Literal["train", "eval"] = "train",
         optimizer_idx: int = 0,
@@ -145,6 +161,9 @@ class SharpnessMonitor(Callback):
         warn_ratio: float = 1.0,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         seed: int = 0,
+        hvp: Literal["auto", "exact", "finite_difference"] = "auto",
+        warm_start: bool = True,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         check = ArgCheck("SharpnessMonitor")
@@ -160,7 +179,9 @@ class SharpnessMonitor(Callback):
         check.choice("which", which, ("largest", "both"))
         check.flag("per_layer", per_layer)
         check.choice("preconditioned", preconditioned, ("auto", True, False))
-        check.positive_float("tol", tol)
+        if tol is not None:
+            check.positive_float("tol", tol)
+        check.positive_float("eig_tol", eig_tol)
         check.positive_int("max_iter", max_iter)
         check.int_at_least("max_iter", max_iter, k, accepted=f"an int >= k={k}")
         check.choice("mode", mode, ("train", "eval"))
@@ -170,6 +191,9 @@ class SharpnessMonitor(Callback):
         check.positive_int("batch_sharpness_window", batch_sharpness_window)
         check.positive_float("warn_ratio", warn_ratio)
         check.integer("seed", seed)
+        check.choice("hvp", hvp, ("auto", "exact", "finite_difference"))
+        check.flag("warm_start", warm_start)
+        check.flag("strict", strict)
 
         self.every_n_steps = every_n_steps
         self.budget = float(budget)
@@ -180,7 +204,8 @@ class SharpnessMonitor(Callback):
         self.which = which
         self.per_layer = per_layer
         self.preconditioned = preconditioned
-        self.tol = float(tol)
+        self.tol = curvature.DEFAULT_TOL if tol is None else float(tol)
+        self.eig_tol = float(eig_tol)
         self.max_iter = max_iter
         self.mode = mode
         self.optimizer_idx = optimizer_idx
@@ -190,6 +215,13 @@ class SharpnessMonitor(Callback):
         self.warn_ratio = float(warn_ratio)
         self.loss_fn = check.callable_or_import_path("loss_fn", loss_fn, "(model, batch) -> scalar loss")
         self.seed = seed
+        self.hvp = hvp
+        self.warm_start = warm_start
+        self.strict = strict
+        self.failure: str | None = None  # set when an unexpected error made the monitor step aside
+        # Ritz vectors of the previous measurement per solve ("top", "low", "layer/<name>"), in the
+        # parameters' dtype on their device: the next solve starts from them (resumable).
+        self._warm: dict[str, torch.Tensor] = {}
 
         self.history: list[SharpnessRecord] = []
         self._probe_indices: torch.Tensor | None = None  # global index set, int64, sorted
@@ -266,12 +298,14 @@ class SharpnessMonitor(Callback):
         self._clock = time.perf_counter()
 
     @override
+    @guarded
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._tracker.on_train_batch_start(trainer)
 
     @override
+    @guarded
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -280,6 +314,7 @@ class SharpnessMonitor(Callback):
         self._tracker.on_before_optimizer_step(trainer, optimizer)
 
     @override
+    @guarded
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -320,6 +355,7 @@ class SharpnessMonitor(Callback):
             "opt_steps": self._opt_steps,
             "warned": self._warned,
             "schedule": self._schedule.state_dict(),
+            "warm": {k: v.detach().cpu().clone() for k, v in self._warm.items()},
         }
 
     @override
@@ -335,6 +371,7 @@ class SharpnessMonitor(Callback):
         self._warned = bool(state_dict.get("warned", False))
         if state_dict.get("schedule") is not None:
             self._schedule.load_state_dict(state_dict["schedule"])
+        self._warm = {str(k): torch.as_tensor(v) for k, v in (state_dict.get("warm") or {}).items()}
 
     # ------------------------------------------------------------------ schedule
     def _due(self, trainer: Trainer) -> bool:
@@ -465,7 +502,15 @@ class SharpnessMonitor(Callback):
             probe, weights = [batch], None
         device = params[0].device if params else torch.device("cpu")
         solver_kw: dict[str, Any] = dict(
-            params=params, mode=self.mode, reduce=reduce, seed=self.seed, tol=self.tol, max_iter=self.max_iter
+            params=params,
+            mode=self.mode,
+            reduce=reduce,
+            seed=self.seed,
+            tol=self.tol,
+            eig_tol=self.eig_tol,
+            max_iter=self.max_iter,
+            hvp=self.hvp,
+            return_eigenvectors=self.warm_start,
         )
         if weights is not None:
             solver_kw["weights"] = weights
@@ -486,17 +531,30 @@ class SharpnessMonitor(Callback):
             if not self._finite_loss(*fresh(), batches, reduce):
                 return self._nan_record(trainer, "probe loss")
             if self._use_preconditioned:
-                res = curvature.preconditioned_sharpness(*fresh(), batches, optimizer, k=self.k, **solver_kw)
+                res = curvature.preconditioned_sharpness(
+                    *fresh(), batches, optimizer, k=self.k, start_vectors=self._warm.get("top"), **solver_kw
+                )
             else:
                 which = "both" if self.which == "both" else "largest"
-                res = curvature.hessian_eigenvalues(*fresh(), batches, k=self.k, which=which, **solver_kw)
+                res = curvature.hessian_eigenvalues(
+                    *fresh(), batches, k=self.k, which=which, start_vectors=self._warm.get("top"), **solver_kw
+                )
+            self._keep_warm("top", res, params)
             hvps = int(res.num_hvps)
             eig = [float(v) for v in res.eigenvalues]
             converged = bool(torch.as_tensor(res.converged).all())
             lam_min = float("nan")
             if self.which == "both":
                 if self._use_preconditioned:
-                    low = curvature.hessian_eigenvalues(*fresh(), batches, k=1, which="smallest", **solver_kw)
+                    low = curvature.hessian_eigenvalues(
+                        *fresh(),
+                        batches,
+                        k=1,
+                        which="smallest",
+                        start_vectors=self._warm.get("low"),
+                        **solver_kw,
+                    )
+                    self._keep_warm("low", low, params)
                     hvps += int(low.num_hvps)
                     converged = converged and bool(torch.as_tensor(low.converged).all())
                     lam_min = float(low.eigenvalues[-1])
@@ -509,16 +567,26 @@ class SharpnessMonitor(Callback):
                 model, loss_fn = fresh()
                 kw = {k: v for k, v in solver_kw.items() if k != "params"}
                 names = list(layers(model, params))
-                blocks = curvature.layerwise_eigenvalues(model, loss_fn, batches, k=1, layers=names, **kw)
+                warm = {n: self._warm[f"layer/{n}"] for n in names if f"layer/{n}" in self._warm}
+                blocks = curvature.layerwise_eigenvalues(
+                    model, loss_fn, batches, k=1, layers=names, start_vectors=warm, **kw
+                )
                 for name, block in blocks.items():
                     layer_values[name] = float(block.eigenvalues[0])
                     hvps += int(block.num_hvps)
+                    self._keep_warm(f"layer/{name}", block, params)
             batch_value = float("nan")
             if self.batch_sharpness:
                 if self.probe == "current" or self._finite_loss(*fresh(), [batch], reduce):
                     batch_value = float(
                         curvature.batch_sharpness(
-                            *fresh(), batch, params=params, mode=self.mode, reduce=reduce, seed=self.seed
+                            *fresh(),
+                            batch,
+                            params=params,
+                            mode=self.mode,
+                            reduce=reduce,
+                            seed=self.seed,
+                            hvp=self.hvp,
                         )
                     )
                     hvps += 1
@@ -573,6 +641,14 @@ class SharpnessMonitor(Callback):
             layers=layer_values,
             **values,
         )
+
+    def _keep_warm(self, key: str, result: curvature.EigenResult, params: list[torch.nn.Parameter]) -> None:
+        """Keep a solve's Ritz vectors (in the parameters' dtype) to warm-start its next solve."""
+        vectors = result.eigenvectors
+        if vectors is None or not bool(torch.isfinite(vectors).all()):
+            self._warm.pop(key, None)  # a non-finite solve: the next one starts cold
+            return
+        self._warm[key] = vectors.to(params[0].dtype if params[0].is_floating_point() else torch.float32)
 
     def _loss(self, replica: StepReplica) -> LossFn:
         """The objective the monitored optimizer descends: the training loss, negated under maximize."""

@@ -3,7 +3,7 @@
 See ``docs/curvature.md``. No Lightning import anywhere in this package.
 """
 
-from .lanczos import DEFAULT_TOL, EigenResult, eigsh, lanczos, power_iteration
+from .lanczos import DEFAULT_EIG_TOL, DEFAULT_TOL, EigenResult, eigsh, lanczos, power_iteration
 from .operator import (
     Batches,
     DiagonalScaledOperator,
@@ -27,6 +27,7 @@ from .spectrum import (
 )
 
 __all__ = [
+    "DEFAULT_EIG_TOL",
     "DEFAULT_TOL",
     "Batches",
     "DiagonalScaledOperator",

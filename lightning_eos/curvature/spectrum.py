@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from lightning_eos.bounds import optimizer_preconditioner
 from lightning_eos.layers import ROOT_LAYER
 from lightning_eos.layers import layers as layers_of
 
-from .lanczos import DEFAULT_TOL, EigenResult, check_choices, eigsh, wants
+from .lanczos import DEFAULT_EIG_TOL, DEFAULT_TOL, EigenResult, check_choices, eigsh, wants
 from .operator import (
     Batches,
     HessianOperator,
@@ -60,6 +60,8 @@ class _Solve:
     seed: int
     return_eigenvectors: bool
     block_size: int
+    eig_tol: float | None = DEFAULT_EIG_TOL
+    start_vectors: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_choices(self.which, self.method)
@@ -68,8 +70,15 @@ class _Solve:
         """Whether an operator of size ``dim`` has room for the request (``k < dim``, ``2k <= dim``)."""
         return self.k < dim and wants(self.k, self.which) <= dim
 
-    def __call__(self, operator: SymmetricOperator) -> EigenResult:
-        return eigsh(operator, **asdict(self))
+    def __call__(self, operator: SymmetricOperator, start_vectors: torch.Tensor | None = None) -> EigenResult:
+        """Solve on ``operator``, warm-started from ``start_vectors`` (else this request's own)."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}  # no deep copy of tensors
+        if start_vectors is not None:
+            kwargs["start_vectors"] = start_vectors
+        warm = kwargs["start_vectors"]
+        if warm is not None and warm.shape[0] != operator.dim:
+            kwargs["start_vectors"] = None  # a different parameter set since: start cold
+        return eigsh(operator, **kwargs)
 
 
 def hessian_eigenvalues(
@@ -91,19 +100,25 @@ def hessian_eigenvalues(
     backend: str = "autograd",
     max_cached_batches: int | None = None,
     block_size: int = 1,
+    hvp: str = "auto",
+    eig_tol: float | None = DEFAULT_EIG_TOL,
+    start_vectors: torch.Tensor | None = None,
 ) -> EigenResult:
     """Extreme eigenvalues of the Hessian of the sample-weighted mean loss over ``batches``.
 
     ``which="largest"``: the ``k`` algebraically largest; ``"smallest"``: the ``k`` smallest;
     ``"both"``: the ``k`` largest then the ``k`` smallest. ``.eigenvalues`` is float64 and always
     descending. Operator arguments (``params``, ``mode``, ``weights``, ``reduce``, ``dtype``,
-    ``backend``, ``max_cached_batches``) are those of
+    ``backend``, ``max_cached_batches``, ``hvp``) are those of
     :class:`~lightning_eos.curvature.operator.HessianOperator`; solver arguments (``tol``,
-    ``max_iter``, ``seed`` for the start vector and the dropout masks) those of
-    :func:`~lightning_eos.curvature.lanczos.lanczos` (``block_size`` > 1 for exactly repeated
-    eigenvalues).
+    ``max_iter``, ``seed`` for the start vector and the dropout masks, ``eig_tol`` the target
+    relative eigenvalue error, ``start_vectors`` a previous solve's Ritz vectors to warm-start from)
+    those of :func:`~lightning_eos.curvature.lanczos.lanczos` (``block_size`` > 1 for exactly
+    repeated eigenvalues).
     """
-    solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size)
+    solve = _Solve(
+        k, which, method, tol, max_iter, seed, return_eigenvectors, block_size, eig_tol, start_vectors
+    )
     op = HessianOperator(
         model,
         loss_fn,
@@ -116,6 +131,7 @@ def hessian_eigenvalues(
         backend=backend,
         max_cached_batches=max_cached_batches,
         seed=seed,
+        hvp=hvp,
     )
     return solve(op)
 
@@ -192,14 +208,20 @@ def layerwise_eigenvalues(
     max_cached_batches: int | None = None,
     layers: Sequence[str] | None = None,
     block_size: int = 1,
+    hvp: str = "auto",
+    eig_tol: float | None = DEFAULT_EIG_TOL,
+    start_vectors: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, EigenResult]:
     """Per-layer diagonal-block spectra ``{layer path: EigenResult}`` (see :func:`layer_blocks`).
 
     One forward/gradient graph over all layer parameters is built and shared by every block (each
     block's products only backpropagate into its own parameters). Layers too small for ``k``
     (``k >= dim``, or ``2k > dim`` for ``"both"``) are skipped. ``layers`` restricts the sweep.
+    ``hvp``: see :class:`~lightning_eos.curvature.operator.HessianOperator`; ``start_vectors``:
+    ``{layer: previous Ritz vectors}`` to warm-start each block's solve.
     """
-    solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size)
+    solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size, eig_tol)
+    warm = dict(start_vectors or {})
     blocks = layer_blocks(model)
     if layers is not None:
         unknown = [name for name in layers if name not in blocks]
@@ -220,12 +242,13 @@ def layerwise_eigenvalues(
         dtype=dtype,
         max_cached_batches=max_cached_batches,
         seed=seed,
+        hvp=hvp,
     )
     out: dict[str, EigenResult] = {}
     for name, pnames in blocks.items():
         block = op.restrict(pnames)
         if solve.fits(block.dim):
-            out[name] = solve(block)
+            out[name] = solve(block, warm.get(name))
     return out
 
 
@@ -248,13 +271,19 @@ def preconditioned_sharpness(
     dtype: torch.dtype | None = None,
     missing_state: str = "error",
     block_size: int = 1,
+    hvp: str = "auto",
+    eig_tol: float | None = DEFAULT_EIG_TOL,
+    start_vectors: torch.Tensor | None = None,
 ) -> EigenResult:
     """Eigenvalues of ``P^{-1/2} H P^{-1/2}`` with ``P`` read from ``optimizer`` by
     :func:`lightning_eos.bounds.optimizer_preconditioner` (re-exported here): the preconditioned
     sharpness of Cohen et al. 2022, to compare with ``2/lr`` (Adam: ``(2 + 2β1)/((1 − β1)·lr)``).
-    Eigenvectors, if requested, are those of the symmetric form (map back with ``P^{-1/2}``).
+    Eigenvectors, if requested, are those of the symmetric form (map back with ``P^{-1/2}``); they
+    are what ``start_vectors`` takes to warm-start the next solve.
     """
-    solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size)
+    solve = _Solve(
+        k, which, method, tol, max_iter, seed, return_eigenvectors, block_size, eig_tol, start_vectors
+    )
     op = HessianOperator(
         model,
         loss_fn,
@@ -265,6 +294,7 @@ def preconditioned_sharpness(
         reduce=reduce,
         dtype=dtype,
         seed=seed,
+        hvp=hvp,
     )
     P = optimizer_preconditioner(optimizer, op.params, missing_state=missing_state)
     return solve(PreconditionedOperator(op, P))
@@ -294,12 +324,14 @@ def hutchinson_trace(
     reduce: ReduceFn | None = None,
     weights: Sequence[float] | torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    hvp: str = "auto",
 ) -> TraceEstimate:
     """Hutchinson's estimate ``tr(H) ≈ mean_s zₛᵀ H zₛ`` with Rademacher probes ``zₛ ∈ {±1}^dim``.
 
     Probes come from a private generator seeded with ``seed`` (identical on every rank, so with
     ``reduce`` all ranks agree). One product per sample; the standard error is the sample standard
-    deviation over ``sqrt(num_samples)`` (``nan`` for one sample).
+    deviation over ``sqrt(num_samples)`` (``nan`` for one sample). ``hvp``: see
+    :class:`~lightning_eos.curvature.operator.HessianOperator`.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
@@ -313,6 +345,7 @@ def hutchinson_trace(
         reduce=reduce,
         dtype=dtype,
         seed=seed,
+        hvp=hvp,
     )
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     vals = []
@@ -343,13 +376,17 @@ def batch_sharpness(
     mode: str = "train",
     reduce: ReduceFn | None = None,
     seed: int = 0,
+    hvp: str = "auto",
 ) -> float:
     """``gᵀ H g / gᵀ g`` for the minibatch loss at its own gradient ``g`` (one product, reusing the
     gradient graph). The curvature along the step direction of plain gradient descent; ``nan`` when
-    ``g = 0``. With ``reduce``, ``g`` and ``H`` are those of the global (all-rank) batch.
+    ``g = 0``. With ``reduce``, ``g`` and ``H`` are those of the global (all-rank) batch. ``hvp``:
+    see :class:`~lightning_eos.curvature.operator.HessianOperator`.
     """
     # `batch` is one batch whatever its type (a collated list included): wrap it explicitly.
-    op = HessianOperator(model, loss_fn, Batches([batch]), params=params, mode=mode, reduce=reduce, seed=seed)
+    op = HessianOperator(
+        model, loss_fn, Batches([batch]), params=params, mode=mode, reduce=reduce, seed=seed, hvp=hvp
+    )
     g = op.gradient()
     gg = float(torch.dot(g, g))
     if gg == 0.0:

@@ -341,18 +341,25 @@ class DumpHistory(pl.Callback):
         self.directory = directory
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        (monitor,) = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessMonitor)]  # type: ignore[attr-defined]
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessMonitor)]  # type: ignore[attr-defined]
         out = {
-            "indices": monitor.probe_indices.tolist(),
-            "history": [r.to_dict() for r in monitor.history],
+            "indices": monitors[0].probe_indices.tolist(),
+            "history": [r.to_dict() for r in monitors[0].history],
+            "budget_steps": [r.step for m in monitors[1:] for r in m.history],
             "world": trainer.world_size,
         }
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
+def _fixed_monitor() -> SharpnessMonitor:
+    return SharpnessMonitor(every_n_steps=4, probe_size=96, probe_batch_size=32, tol=1e-7, max_iter=200)
+
+
 def _ddp_run(tmp: Path, **trainer_kw: Any) -> None:
-    monitor = SharpnessMonitor(every_n_steps=1, probe_size=96, probe_batch_size=32, tol=1e-7, max_iter=200)
-    trainer = make_trainer(max_steps=2, callbacks=[monitor, DumpHistory(str(tmp))], **trainer_kw)
+    # A second monitor on the budget: the ranks' own timings differ, the measured steps must not.
+    budgeted = SharpnessMonitor(budget=0.9, probe_size=32, log_prefix="budget", batch_sharpness=False)
+    callbacks = [_fixed_monitor(), budgeted, DumpHistory(str(tmp))]
+    trainer = make_trainer(max_steps=8, callbacks=callbacks, **trainer_kw)
     quiet_fit(trainer, DigitsMLP(lr=0.3), DigitsDataModule(n_samples=200))
 
 
@@ -366,9 +373,9 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path, monkeypatch: pyt
         lambda: _ddp_run(tmp_path / "ddp", strategy="ddp_spawn", devices=2),
         *(tmp_path / "ddp" / f"rank{r}.json" for r in (0, 1)),
     )
-    monitor = SharpnessMonitor(every_n_steps=1, probe_size=96, probe_batch_size=32, tol=1e-7, max_iter=200)
+    monitor = _fixed_monitor()
     quiet_fit(
-        make_trainer(max_steps=2, callbacks=[monitor]), DigitsMLP(lr=0.3), DigitsDataModule(n_samples=200)
+        make_trainer(max_steps=8, callbacks=[monitor]), DigitsMLP(lr=0.3), DigitsDataModule(n_samples=200)
     )
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2
@@ -379,3 +386,30 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path, monkeypatch: pyt
             assert got["sharpness"] == pytest.approx(want.sharpness, rel=1e-5)
             assert got["batch_sharpness"] == pytest.approx(want.batch_sharpness, rel=1e-4)
     assert ranks[0]["history"] == ranks[1]["history"]  # every rank has the same numbers
+    assert ranks[0]["budget_steps"] and ranks[0]["budget_steps"] == ranks[1]["budget_steps"]
+
+
+# ------------------------------------------------------------------------------ warm starts
+
+
+def test_warm_starts_give_the_cold_eigenvalue_in_fewer_products_and_resume(tmp_path: Path) -> None:
+    def run(warm: bool) -> SharpnessMonitor:
+        monitor = SharpnessMonitor(every_n_steps=5, probe_size=256, warm_start=warm, batch_sharpness=False)
+        quiet_fit(make_trainer(max_steps=40, callbacks=[monitor]), DigitsMLP(lr=0.05), DigitsDataModule(256))
+        return monitor
+
+    warm, cold = run(True), run(False)
+    assert [r.step for r in warm.history] == [r.step for r in cold.history] and len(warm.history) == 8
+    for w, c in zip(warm.history, cold.history):
+        assert w.converged and c.converged
+        assert w.sharpness == pytest.approx(c.sharpness, rel=1e-5)
+    assert warm.history[0].hvps == cold.history[0].hvps  # nothing to start from on the first one
+    warm_mean = sum(r.hvps for r in warm.history[1:]) / 7
+    cold_mean = sum(r.hvps for r in cold.history[1:]) / 7
+    assert warm_mean < cold_mean
+    # The vectors are part of the checkpoint (weights_only) and come back unchanged.
+    path = tmp_path / "state.pt"
+    torch.save(warm.state_dict(), path)
+    again = SharpnessMonitor(every_n_steps=5, probe_size=256, batch_sharpness=False)
+    again.load_state_dict(torch.load(path, weights_only=True))
+    assert set(again._warm) == {"top"} and torch.equal(again._warm["top"], warm._warm["top"].cpu())

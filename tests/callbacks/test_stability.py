@@ -40,7 +40,7 @@ def test_argument_errors_name_the_callbacks() -> None:
         StabilityMonitor(every_n_steps=0)
     with pytest.raises(
         ValueError,
-        match=r"^SharpnessMonitor: every_n_steps=0 is not supported; accepted values: a positive int\.$",
+        match=r"^SharpnessMonitor: every_n_steps=0 is not supported; accepted values: a positive int or None\.$",
     ):
         SharpnessMonitor(every_n_steps=0)
     with pytest.raises(ValueError, match=r"^SharpnessMonitor: max_iter=2 .* an int >= k=3\.$"):
