@@ -10,7 +10,10 @@ Torch only: no Lightning import.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,12 +25,17 @@ from lightning_eos.isolation import isolated_forward, requires_grad, rng_devices
 __all__ = [
     "Batches",
     "DiagonalScaledOperator",
+    "FD_ACCURACY",
+    "HVP_METHODS",
     "FunctionOperator",
     "HessianBlockOperator",
     "HessianOperator",
+    "MissingSecondDerivativeError",
     "PreconditionedOperator",
     "SymmetricOperator",
     "Vector",
+    "finite_difference_step",
+    "math_attention",
     "normalize_batches",
 ]
 
@@ -38,6 +46,8 @@ ReduceFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 _MODES = ("train", "eval")
 _BACKENDS = ("autograd", "func")
+#: The values of ``hvp=``: how a Hessian-vector product is computed (see :class:`HessianOperator`).
+HVP_METHODS = ("exact", "finite_difference", "auto")
 
 
 class SymmetricOperator:
@@ -229,6 +239,129 @@ def _apply_reduce(reduce: ReduceFn | None, t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# Second-order plumbing: attention kernels, missing double backwards, finite differences
+# --------------------------------------------------------------------------------------------------
+
+
+def math_attention() -> contextlib.AbstractContextManager[None]:
+    """Force the math kernel of ``F.scaled_dot_product_attention`` for the block.
+
+    The fused kernels (flash attention on CPU and CUDA, memory-efficient attention on CUDA) have a
+    backward without a derivative of its own (on CPU: "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); the math kernel
+    is written in differentiable ops and has a double backward on every device. Same function,
+    different rounding (float32: ~1e-7 relative).
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3 has no kernel choice
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+#: Phrases of the errors torch raises when an op or ``autograd.Function`` has no derivative of its
+#: backward (reverse) or no forward-mode formula (``backend="func"``). Matched case-insensitively.
+_MISSING_DERIVATIVE = re.compile(
+    r"derivative for .* is not implemented|not implemented|not currently support double backward"
+    r"|differentiate twice|once_differentiable|forward ad|does not support it",
+    re.IGNORECASE,
+)
+
+
+def _is_missing_derivative(err: BaseException) -> bool:
+    """Whether ``err`` (or the error it was raised from) says a second derivative is unavailable."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, NotImplementedError):
+            return True
+        if isinstance(seen, RuntimeError) and _MISSING_DERIVATIVE.search(str(seen)):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+class MissingSecondDerivativeError(RuntimeError):
+    """The loss has no double backward (``hvp="exact"``): use ``hvp="finite_difference"``/``"auto"``."""
+
+
+def _dead_end_nodes(outputs: Sequence[torch.Tensor | None]) -> list[str]:
+    """Names of the ``torch::autograd::Error`` nodes in the graph of ``outputs``.
+
+    A backward marked ``@once_differentiable`` (and some C++ backwards) returns its gradients through
+    such a node. It has no edge into the graph, so ``torch.autograd.grad(outputs, params)`` prunes it
+    and *silently drops* that part of the Hessian instead of raising: it is found here, once per graph.
+    """
+    stack = [t.grad_fn for t in outputs if t is not None and t.grad_fn is not None]
+    seen: set[int] = set()
+    found: list[str] = []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "Error":
+            found.append(node.name())
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+#: Central-difference step ``h·‖v‖ = FD_STEP_FACTOR · cbrt(eps) · (1 + ‖θ‖)`` (see
+#: :func:`finite_difference_step`). Measured (``benchmarks/bench_hvp.py --part fd``, table in
+#: ``docs/curvature.md``): along random directions the error is lowest at factors 0.3–1, but along the
+#: top eigenvector (where a Lanczos basis ends up) the third derivative is far larger and the error at
+#: factor 1 is 10–300× worse; 0.1 gives the lowest worst case on every model and dtype measured.
+FD_STEP_FACTOR = 0.1
+
+#: Worst relative error ``‖Hv_fd − Hv‖ / ‖Hv‖`` of one finite-difference product at the default step,
+#: measured on the digits MLP (tanh) and a SiLU CNN (``docs/curvature.md``: ≤ 8.6e-10 in float64,
+#: ≤ 4.2e-4 in float32), rounded up; quoted in the fallback warning. Losses that are only piecewise
+#: smooth (ReLU, max-pooling) are much worse: the gradient jumps where a unit changes sign.
+FD_ACCURACY = {torch.float64: 1e-9, torch.float32: 5e-4}
+
+
+def fd_accuracy(dtype: torch.dtype) -> float:
+    """Expected relative error of one finite-difference product in a ``dtype`` model (smooth loss).
+
+    Measured for float64/float32 (:data:`FD_ACCURACY`); other dtypes extrapolate the float32 value
+    with the ``eps^(2/3)`` law of :func:`finite_difference_step` (float16 0.2, bfloat16 0.8: useless).
+    """
+    if dtype in FD_ACCURACY:
+        return FD_ACCURACY[dtype]
+    ratio = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    return min(1.0, FD_ACCURACY[torch.float32] * ratio ** (2 / 3))
+
+
+def finite_difference_step(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
+    """Step ``h`` of the central difference ``(g(θ+hv) − g(θ−hv)) / 2h`` (units: 1/units of ``v``).
+
+    The error of the difference is ``(h‖v‖)²·τ/6`` (truncation; ``τ`` = relative change of the
+    Hessian per unit step length along ``v``) plus ``eps·(‖θ‖ + γ)/(h‖v‖)`` (rounding: ``θ ± hv`` is
+    stored in ``dtype``, so the realized step is off by ``eps·|θ|``, and each gradient carries
+    rounding noise ``γ`` in the same units). If the loss changes on the scale of the parameters
+    themselves (``τ ~ 1/(1+‖θ‖)``: a network keeps its form under a relative change of its weights),
+    the two balance at a step *length* ``h‖v‖ ∝ cbrt(eps)·(1 + ‖θ‖)`` with an error ``O(eps^(2/3))``
+    (4e-11 relative in float64, 2e-5 in float32). The constant, :data:`FD_STEP_FACTOR` = 0.1, is
+    measured: along high-curvature directions ``τ`` is ~100× larger than that estimate. For a
+    delocalized ``v`` each coordinate then moves by ``0.1·cbrt(eps)`` relative (6e-7 in float64,
+    5e-4 in float32). ``theta_norm``/``v_norm``: Euclidean norms of the perturbed parameters and of ``v``.
+    """
+    eps = torch.finfo(dtype).eps
+    return FD_STEP_FACTOR * eps ** (1 / 3) * (1.0 + theta_norm) / v_norm
+
+
+class _LossCall(nn.Module):
+    """``loss_fn(model, batch)`` as a module with ``model`` as child ``m``, for ``functional_call``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.m = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.m, batch)
+
+
+# --------------------------------------------------------------------------------------------------
 # The Hessian
 # --------------------------------------------------------------------------------------------------
 
@@ -271,6 +404,27 @@ class _ParamOperator(SymmetricOperator):
         raise TypeError(f"expected a flat tensor or a list of tensors, got {type(v).__name__}")
 
 
+class _Graph:
+    """One batch's cached ``create_graph=True`` gradient, ready for products.
+
+    ``grads[j]``: ``∂L_i/∂θ_j`` with its graph (``None`` if ``θ_j`` is unused); ``live[j]``: whether it
+    depends on the parameters (else that Hessian row block is zero). ``flat``: the live gradients
+    concatenated into one graph output, so a product of the full operator is a single
+    ``torch.autograd.grad`` call with one output and the flat ``v`` as its (uncopied) seed;
+    ``None`` when the live gradients do not share one dtype.
+    """
+
+    def __init__(self, grads: list[torch.Tensor | None]) -> None:
+        self.grads = grads
+        self.live = [g is not None and g.requires_grad for g in grads]
+        live = [g for g, ok in zip(grads, self.live) if ok]
+        dtypes = {g.dtype for g in live if g is not None}
+        self.flat = (
+            torch.cat([g.reshape(-1) for g in live if g is not None]) if live and len(dtypes) == 1 else None
+        )
+        self.all_live = all(self.live)
+
+
 class HessianOperator(_ParamOperator):
     """``v -> H v``, the Hessian of the sample-weighted mean loss over ``batches`` w.r.t. ``params``.
 
@@ -306,6 +460,22 @@ class HessianOperator(_ParamOperator):
             on every product (memory cap: each cached graph holds the activations of one
             double-backward pass).
         seed: seed of the per-batch dropout generators (batch ``i`` uses ``seed + i``).
+        hvp: how a product is computed. ``"exact"``: second derivatives through ``backend``; a loss
+            without a double backward (an op without a derivative of its backward, an
+            ``autograd.Function`` whose backward is ``@once_differentiable``, a ``torch.compile``'d
+            module) raises :class:`MissingSecondDerivativeError`. ``"finite_difference"``: central
+            differences of first-order gradients, ``(g(θ+hv) − g(θ−hv)) / 2h`` with ``θ ± hv``
+            swapped in through ``torch.func.functional_call`` (the real parameters are never
+            written), 2 gradients per batch and product, relative error ≤ 1e-9 (float64) / ≤ 5e-4
+            (float32) for smooth losses (:data:`FD_ACCURACY`; ReLU/max-pool kinks: far worse); needs
+            ``loss_fn`` to read the parameters through ``model``'s attributes. ``"auto"`` (default):
+            exact, and on a missing second derivative (found at construction or raised by a product)
+            finite differences from then on, with one ``RuntimeWarning`` stating the expected
+            accuracy. Where the exact product works, ``"auto"`` *is* ``"exact"`` (same code, same
+            numbers). :attr:`hvp_method` says which one is in use.
+
+    ``F.scaled_dot_product_attention`` runs on its math kernel while a double-backward graph is built
+    (:func:`math_attention`): the fused kernels have no second derivative.
 
     The operator is side-effect free: parameters, ``.grad``, buffers, training and requires_grad
     flags and the global CPU/CUDA RNG states are exactly as before after construction and after
@@ -326,11 +496,14 @@ class HessianOperator(_ParamOperator):
         cache_graphs: bool = True,
         max_cached_batches: int | None = None,
         seed: int = 0,
+        hvp: str = "auto",
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if hvp not in HVP_METHODS:
+            raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
         if max_cached_batches is not None and max_cached_batches < 0:
             raise ValueError(f"max_cached_batches must be >= 0 or None, got {max_cached_batches}")
         if not callable(loss_fn):
@@ -347,6 +520,9 @@ class HessianOperator(_ParamOperator):
         self.backend = backend
         self.seed = int(seed)
         self.reduce = reduce
+        self.hvp = hvp
+        #: The product in use: ``"exact"`` or ``"finite_difference"`` (``"auto"`` may switch once).
+        self.hvp_method = "finite_difference" if hvp == "finite_difference" else "exact"
         self.batches = normalize_batches(batches)
         n = len(self.batches)
         if weights is None:
@@ -362,18 +538,22 @@ class HessianOperator(_ParamOperator):
         self.total_weight = float(_apply_reduce(reduce, local_total).item())
         if not self.total_weight > 0:
             raise ValueError(f"the total sample weight must be positive, got {self.total_weight}")
-        if backend == "func" or not cache_graphs:
+        if backend == "func" or not cache_graphs or self.hvp_method == "finite_difference":
             n_cached = 0
         else:
             n_cached = n if max_cached_batches is None else min(n, max_cached_batches)
         self.num_cached_batches = n_cached
-        self._graphs: list[list[torch.Tensor | None]] = []
+        self._graphs: list[_Graph] = []
+        self._used: list[list[bool]] = []  # per batch: which parameters the loss reads
+        self._fd_call: _LossCall | None = None
         grad_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         loss_sum = 0.0
         # Build every batch's gradient once: validates the loss, gives .loss/.gradient() and, for the
         # first `n_cached` batches, keeps the create_graph=True gradient whose graph every HVP reuses.
+        # Batch 0's graph is built even when nothing is cached, to check it for missing derivatives.
         for i, batch in enumerate(self.batches):
-            loss, grads = self._gradient_graph(i, batch, create_graph=i < n_cached)
+            second = self.hvp_method == "exact" and backend == "autograd" and (i < n_cached or i == 0)
+            loss, grads = self._checked_gradient(i, batch, create_graph=second)
             loss_sum += w[i] * float(loss.detach().double())
             flat = torch.cat(
                 [
@@ -382,8 +562,10 @@ class HessianOperator(_ParamOperator):
                 ]
             )
             grad_sum += w[i] * flat
-            if i < n_cached:
-                self._graphs.append(grads)
+            self._used.append([g is not None for g in grads])
+            if i < self.num_cached_batches:
+                self._graphs.append(_Graph(grads))
+            del grads
         self._local_loss_sum = loss_sum
         self._local_grad_sum = grad_sum
         self._global_loss: float | None = None
@@ -412,96 +594,234 @@ class HessianOperator(_ParamOperator):
     def _gradient_graph(
         self, i: int, batch: Any, create_graph: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        attention = math_attention() if create_graph else contextlib.nullcontext()
         with (
             torch.enable_grad(),
             seeded_rng(self.seed + i, rng_devices(self.params)),
             isolated_forward(self.model, self.mode, self.params),
+            attention,
         ):
             loss = self._loss(i, batch)
             grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         return loss, list(grads)
 
+    def _checked_gradient(
+        self, i: int, batch: Any, create_graph: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """:meth:`_gradient_graph` at construction; a missing second derivative is dealt with here."""
+        if not create_graph:
+            return self._gradient_graph(i, batch, create_graph=False)
+        try:
+            loss, grads = self._gradient_graph(i, batch, create_graph=True)
+        except (RuntimeError, NotImplementedError) as err:  # e.g. torch.compile's AOTAutograd
+            if not _is_missing_derivative(err):
+                raise
+            self._no_second_derivative(str(err).splitlines()[0] if str(err) else type(err).__name__, err)
+            return self._gradient_graph(i, batch, create_graph=False)
+        dead = _dead_end_nodes(grads)
+        if dead:
+            self._no_second_derivative(
+                f"its gradient graph holds {len(dead)} node(s) that raise when differentiated"
+                " (an autograd.Function whose backward is @once_differentiable, or a C++ backward"
+                " without a derivative); torch.autograd.grad would silently drop that part of the Hessian",
+                None,
+            )
+            return loss, [None if g is None else g.detach() for g in grads]
+        return loss, grads
+
+    def _no_second_derivative(self, why: str, err: BaseException | None) -> None:
+        """``hvp="exact"``: raise; ``"auto"``: switch to finite differences with one warning."""
+        if self.hvp == "exact":
+            raise MissingSecondDerivativeError(
+                f"the loss has no second derivative through backend={self.backend!r}: {why}. Pass"
+                " hvp='finite_difference' (central differences of gradients, relative error about"
+                f" {fd_accuracy(self.params[0].dtype):.0e} in {self.params[0].dtype}) or hvp='auto'."
+            ) from err
+        self.hvp_method = "finite_difference"
+        self._graphs = []
+        self.num_cached_batches = 0
+        warnings.warn(
+            f"lightning-eos: the loss has no second derivative ({why}). Hessian-vector products fall"
+            " back to central finite differences of first-order gradients (2 gradients per batch and"
+            f" product): expect a relative error of about {fd_accuracy(self.params[0].dtype):.0e} per"
+            f" product in {self.params[0].dtype} (measured, docs/curvature.md), so eigenvalues are no"
+            " more accurate than that. Pass hvp='finite_difference' to accept this silently or"
+            " hvp='exact' to make it an error.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
     # -- products ---------------------------------------------------------------------------------
 
-    def _hvp_from_graph(
-        self, grads: Sequence[torch.Tensor | None], vs: Sequence[torch.Tensor], idx: Sequence[int]
-    ) -> list[torch.Tensor | None]:
-        """Products of rows ``idx`` of one batch's Hessian with ``vs`` (tensors for params ``idx``)."""
-        outs = [grads[j] for j in idx]
-        live = [(o, v) for o, v in zip(outs, vs) if o is not None and o.requires_grad]
-        if not live:  # loss linear in these parameters (or unused): zero block
-            return [None] * len(idx)
-        with torch.enable_grad(), requires_grad([self.params[j] for j in idx]):
-            return list(
-                torch.autograd.grad(
-                    [o for o, _ in live],
-                    [self.params[j] for j in idx],
-                    grad_outputs=[v for _, v in live],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
+    def _hvp_from_graph(self, graph: _Graph, v: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+        """``H_i[idx, idx] v`` (flat over ``idx``, dtype :attr:`dtype`) from one batch's cached graph."""
+        inputs = [self.params[j] for j in idx]
+        full = len(idx) == len(self.params) and all(a == b for a, b in enumerate(idx))
+        if full and graph.flat is not None:
+            # One output, one seed: v itself when every row block is live (no split, no copy).
+            seed = (
+                v
+                if graph.all_live
+                else torch.cat([c for c, ok in zip(v.split(self._sizes), graph.live) if ok])
             )
+            outs, seeds = [graph.flat], [seed.to(graph.flat.dtype)]
+        else:
+            chunks = v.split([self._sizes[j] for j in idx])
+            pairs = [(graph.grads[j], c) for j, c in zip(idx, chunks) if graph.live[j]]
+            outs = [g for g, _ in pairs]  # type: ignore[misc]
+            seeds = [c.view(g.shape).to(g.dtype) for g, c in pairs]  # type: ignore[union-attr]
+        if not outs:  # the loss is linear in these parameters (or does not use them): zero block
+            return torch.zeros(v.numel(), dtype=self.dtype, device=self.device)
+        try:
+            with torch.enable_grad(), requires_grad(inputs):
+                hv = torch.autograd.grad(
+                    outs, inputs, grad_outputs=seeds, retain_graph=True, allow_unused=True
+                )
+        except (RuntimeError, NotImplementedError) as err:
+            if _is_missing_derivative(err):
+                raise _SecondDerivativeFailed(err) from err
+            raise
+        return self._assemble(hv, idx)
 
-    def _hvp_func(
-        self, i: int, batch: Any, vs: Sequence[torch.Tensor], idx: Sequence[int]
-    ) -> list[torch.Tensor]:
+    def _assemble(self, hv: Sequence[torch.Tensor | None], idx: Sequence[int]) -> torch.Tensor:
+        """Concatenate per-parameter results (``None`` = zero) into one flat vector of dtype :attr:`dtype`."""
+        parts = [
+            h.reshape(-1)
+            if h is not None
+            else torch.zeros(self._sizes[j], device=self.device, dtype=self.dtype)
+            for h, j in zip(hv, idx)
+        ]
+        return torch.cat(parts).to(self.dtype)  # always a fresh tensor: callers update it in place
+
+    def _hvp_func(self, i: int, batch: Any, v: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
         from torch.func import functional_call, grad, jvp
 
-        names = [self.param_names[j] for j in idx]
-        model, loss_fn = self.model, self.loss_fn
-
-        class _Call(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.m = model
-
-            def forward(self, b: Any) -> torch.Tensor:
-                return loss_fn(self.m, b)
-
-        wrapper = _Call()
+        names = ["m." + self.param_names[j] for j in idx]
+        wrapper = _LossCall(self.model, self.loss_fn)
 
         def f(*ps: torch.Tensor) -> torch.Tensor:
-            return functional_call(wrapper, {"m." + n: p for n, p in zip(names, ps)}, (batch,)).reshape(())
+            return functional_call(wrapper, dict(zip(names, ps)), (batch,)).reshape(())
 
         primals = tuple(self.params[j].detach() for j in idx)
+        vs = tuple(
+            c.view(self._shapes[j]).to(self.params[j].dtype)
+            for c, j in zip(v.split([self._sizes[j] for j in idx]), idx)
+        )
         with (
             torch.enable_grad(),
             seeded_rng(self.seed + i, rng_devices(self.params)),
             isolated_forward(self.model, self.mode, []),
+            math_attention(),
         ):
             try:
-                _, out = jvp(grad(f, argnums=tuple(range(len(idx)))), primals, tuple(vs))
+                _, out = jvp(grad(f, argnums=tuple(range(len(idx)))), primals, vs)
             except (RuntimeError, NotImplementedError) as err:
+                if _is_missing_derivative(err) and self.hvp == "auto":
+                    raise _SecondDerivativeFailed(err) from err
                 raise RuntimeError(
                     f"backend='func' (torch.func jvp of grad) failed on this loss: {err}. Known torch"
                     " limitations: mean-reduced F.mse_loss, ops without forward-AD formulas. Use"
-                    " backend='autograd' (the default)."
+                    " backend='autograd' (the default), or hvp='finite_difference' for ops without any"
+                    " second derivative."
                 ) from err
-        return list(out)
+        return self._assemble(list(out), idx)
+
+    # finite differences
+
+    def _swapped_gradient(
+        self, i: int, batch: Any, idx: Sequence[int], values: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``∂L_i/∂θ_idx`` at ``θ_idx = values`` (others unchanged), through ``functional_call``."""
+        from torch.func import functional_call
+
+        if self._fd_call is None:
+            self._fd_call = _LossCall(self.model, self.loss_fn)
+        leaves = [t.detach().requires_grad_(True) for t in values]
+        names = ["m." + self.param_names[j] for j in idx]
+        with (
+            torch.enable_grad(),
+            seeded_rng(self.seed + i, rng_devices(self.params)),  # the masks of the exact product
+            isolated_forward(self.model, self.mode, []),
+        ):
+            loss = functional_call(self._fd_call, dict(zip(names, leaves)), (batch,))
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                loss = None
+            grads = (
+                [None] * len(leaves)
+                if loss is None
+                else torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
+            )
+        missing = [self.param_names[j] for j, g in zip(idx, grads) if g is None and self._used[i][j]]
+        if loss is None or missing:
+            raise RuntimeError(
+                "hvp='finite_difference' evaluates loss_fn(model, batch) with the parameters swapped in"
+                " through torch.func.functional_call on `model`, but the loss did not read"
+                f" {missing or 'them'} (batch {i}): loss_fn must read the parameters through `model`'s own"
+                " attributes, not through another module sharing the Parameter objects."
+            )
+        return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, values)]
+
+    def _hvp_fd(self, i: int, batch: Any, v: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+        """``(g(θ+hv) − g(θ−hv)) / 2h`` over ``idx`` (flat, dtype :attr:`dtype`): two gradients."""
+        v_norm = float(v.double().norm())
+        if not math.isfinite(v_norm):
+            return torch.full_like(v, math.nan)
+        if v_norm == 0.0:
+            return torch.zeros_like(v)
+        theta = [self.params[j].detach() for j in idx]
+        theta_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in theta))
+        h = finite_difference_step(theta_norm, v_norm, _default_fd_dtype(theta))
+        vs = [
+            c.view(self._shapes[j]).to(self.params[j].dtype)
+            for c, j in zip(v.split([self._sizes[j] for j in idx]), idx)
+        ]
+        plus = self._swapped_gradient(i, batch, idx, [t + h * d for t, d in zip(theta, vs)])
+        minus = self._swapped_gradient(i, batch, idx, [t - h * d for t, d in zip(theta, vs)])
+        diff = [(p.to(self.dtype) - m.to(self.dtype)) for p, m in zip(plus, minus)]
+        return self._assemble(diff, idx).div_(2.0 * h)
+
+    # combination
+
+    def _batch_product(self, i: int, batch: Any, v: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+        if self.hvp_method == "finite_difference":
+            return self._hvp_fd(i, batch, v, idx)
+        if self.backend == "func":
+            return self._hvp_func(i, batch, v, idx)
+        if i < self.num_cached_batches:
+            return self._hvp_from_graph(self._graphs[i], v, idx)
+        # beyond the memory cap: rebuild this batch's graph (same seed → same dropout mask)
+        try:
+            _, grads = self._gradient_graph(i, batch, create_graph=True)
+        except (RuntimeError, NotImplementedError) as err:
+            if _is_missing_derivative(err):
+                raise _SecondDerivativeFailed(err) from err
+            raise
+        return self._hvp_from_graph(_Graph(grads), v, idx)
+
+    def _weighted_local_with(self, v: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+        acc: torch.Tensor | None = None
+        for i, batch in enumerate(self.batches):
+            hv = self._batch_product(i, batch, v, idx)
+            if acc is None:
+                acc = hv if self.weights[i] == 1.0 else hv.mul_(self.weights[i])
+            else:
+                acc.add_(hv, alpha=self.weights[i])
+        assert acc is not None
+        return acc
 
     def _weighted_local(self, v: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
         """``Σ_i w_i H_i[idx, idx] v`` (flat over ``idx``), summed over the local batches only."""
-        sizes = [self._sizes[j] for j in idx]
-        vs = [c.view(self._shapes[j]).to(self.params[j].dtype) for c, j in zip(v.split(sizes), idx)]
-        acc = torch.zeros(v.numel(), dtype=self.dtype, device=self.device)
-        for i, batch in enumerate(self.batches):
-            if self.backend == "func":
-                hv: list[torch.Tensor | None] = list(self._hvp_func(i, batch, vs, idx))
-            elif i < self.num_cached_batches:
-                hv = self._hvp_from_graph(self._graphs[i], vs, idx)
-            else:  # beyond the memory cap: rebuild this batch's graph (same seed → same dropout mask)
-                _, grads = self._gradient_graph(i, batch, create_graph=True)
-                hv = self._hvp_from_graph(grads, vs, idx)
-                del grads
-            parts = [
-                (h if h is not None else torch.zeros(s, device=self.device)).reshape(-1).to(self.dtype)
-                for h, s in zip(hv, sizes)
-            ]
-            acc.add_(torch.cat(parts), alpha=self.weights[i])
-        return acc
+        if self.hvp_method == "finite_difference":
+            return self._weighted_local_with(v, idx)
+        try:
+            return self._weighted_local_with(v, idx)
+        except _SecondDerivativeFailed as failure:
+            err = failure.__cause__ or failure
+            self._no_second_derivative(str(err).splitlines()[0] if str(err) else type(err).__name__, err)
+        return self._weighted_local_with(v, idx)  # finite differences from now on
 
     def _combine(self, local: torch.Tensor) -> torch.Tensor:
-        return _apply_reduce(self.reduce, local) / self.total_weight
+        return _apply_reduce(self.reduce, local).div_(self.total_weight)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._combine(self._weighted_local(v, range(len(self.params))))
@@ -534,6 +854,15 @@ class HessianOperator(_ParamOperator):
         """Drop the cached gradient graphs (frees memory; later products rebuild them per call)."""
         self._graphs = []
         self.num_cached_batches = 0
+
+
+class _SecondDerivativeFailed(Exception):
+    """Internal: an exact product hit a missing second derivative (the cause holds torch's error)."""
+
+
+def _default_fd_dtype(theta: Sequence[torch.Tensor]) -> torch.dtype:
+    """The working precision of a finite difference: the lowest-precision parameter dtype."""
+    return max((t.dtype for t in theta), key=lambda d: torch.finfo(d).eps)
 
 
 class HessianBlockOperator(_ParamOperator):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from lightning_eos.curvature import (
     EigenResult,
@@ -22,6 +24,7 @@ from lightning_eos.curvature import (
     optimizer_preconditioner,
     preconditioned_sharpness,
 )
+from lightning_eos.curvature.operator import MissingSecondDerivativeError
 
 from ._helpers import bn_net, ce, data, dense_hessian, mlp
 
@@ -262,3 +265,78 @@ def test_bad_arguments() -> None:
         hessian_eigenvalues(model, ce, [])
     with pytest.raises(ValueError, match="num_samples"):
         hutchinson_trace(model, ce, batch, num_samples=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# hvp=: every public function takes it; finite-difference spectra against the dense reference
+# --------------------------------------------------------------------------------------------------
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh with a ``@once_differentiable`` backward (no second derivative)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = x.tanh()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OnceTanhModule(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OnceTanh.apply(x)
+
+
+def test_finite_difference_spectrum_matches_eigvalsh(problem: Problem) -> None:
+    model, batch, ev = problem
+    res = hessian_eigenvalues(model, ce, batch, k=2, which="both", tol=1e-6, hvp="finite_difference")
+    desc = ev.flip(0)
+    want = torch.cat([desc[:2], desc[-2:]])
+    # one FD product is ~1e-10 relative here: the eigenvalues are as good as the solver's tolerance
+    torch.testing.assert_close(res.eigenvalues, want, rtol=1e-7, atol=1e-9)
+
+
+def _every_function(
+    model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, **kw: Any
+) -> dict[str, torch.Tensor]:
+    """One number (or a few) from each public curvature function, with the operator arguments ``kw``."""
+    return {
+        "hessian_eigenvalues": hessian_eigenvalues(model, ce, batch, tol=1e-8, **kw).eigenvalues,
+        "block_eigenvalues": block_eigenvalues(model, ce, batch, "0", tol=1e-8, **kw).eigenvalues,
+        "layerwise_eigenvalues": layerwise_eigenvalues(model, ce, batch, tol=1e-8, **kw)["2"].eigenvalues,
+        "preconditioned_sharpness": preconditioned_sharpness(
+            model, ce, batch, opt, tol=1e-8, **kw
+        ).eigenvalues,
+        "hutchinson_trace": torch.tensor(hutchinson_trace(model, ce, batch, 8, **kw).trace),
+        "batch_sharpness": torch.tensor(batch_sharpness(model, ce, batch, **kw)),
+    }
+
+
+def test_hvp_reaches_every_public_function() -> None:
+    plain, batch = mlp(), data(30)
+    custom = copy.deepcopy(plain)
+    custom[1] = _OnceTanhModule()
+    opt = torch.optim.Adam(list(plain.parameters()), lr=1e-2)
+    _train(plain, opt, batch)
+    custom.load_state_dict(plain.state_dict())
+    opt_c = torch.optim.Adam(list(custom.parameters()), lr=1e-2)
+    opt_c.load_state_dict(opt.state_dict())
+    exact = _every_function(plain, opt, batch)
+    fd = _every_function(custom, opt_c, batch, hvp="finite_difference")
+    with pytest.warns(RuntimeWarning, match="finite differences") as record:
+        auto = _every_function(custom, opt_c, batch)  # the default falls back, with a warning
+    assert sum(issubclass(w.category, RuntimeWarning) for w in record) == len(exact)  # one per operator
+    for name in exact:
+        torch.testing.assert_close(fd[name], exact[name], rtol=1e-6, atol=1e-9, msg=name)
+        torch.testing.assert_close(auto[name], fd[name], rtol=1e-12, atol=1e-14, msg=name)
+    for fn in (hessian_eigenvalues, layerwise_eigenvalues, hutchinson_trace, batch_sharpness):
+        with pytest.raises(MissingSecondDerivativeError, match="hvp='finite_difference'"):
+            fn(custom, ce, batch, hvp="exact")
+    with pytest.raises(MissingSecondDerivativeError, match="hvp='finite_difference'"):
+        preconditioned_sharpness(custom, ce, batch, opt_c, hvp="exact")
