@@ -32,7 +32,9 @@ from typing_extensions import override
 from lightning_eos.isolation import replicate
 
 __all__ = [
+    "InertOptimizer",
     "OptimizerStepTracker",
+    "SilentScheduler",
     "guarded",
     "StepReplica",
     "add_custom_scalars",
@@ -115,7 +117,7 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-class _InertOptimizer(LightningOptimizer):
+class InertOptimizer(LightningOptimizer):
     """Stands in for a real optimizer inside a replica's manual-optimization ``training_step``.
 
     Built like Lightning's own wrapper (its class is a dynamic subclass of the real optimizer's
@@ -138,7 +140,7 @@ class _InertOptimizer(LightningOptimizer):
         yield
 
 
-class _SilentScheduler:
+class SilentScheduler:
     def __init__(self, scheduler: Any) -> None:
         self._scheduler = scheduler
 
@@ -220,26 +222,27 @@ class StepReplica:
         module._trainer = _TrainerView(trainer)  # type: ignore[assignment]  # reads only; no loggers
         for name in ("log", "log_dict", "print", "toggle_optimizer", "untoggle_optimizer"):
             setattr(module, name, _noop)
+        # Whatever the replica's code (step or hooks) does to "its" optimizers and schedulers must not
+        # reach the real ones: inert stand-ins by default, or what route_optimizers() says.
+        self._optimizers: Callable[[], Any] = lambda: _one_or_list(
+            [InertOptimizer(o) for o in trainer.optimizers]
+        )
+        module.optimizers = lambda use_pl_optimizer=True: self._optimizers()
+        module.lr_schedulers = lambda: _one_or_list(
+            [SilentScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
+        )
         if not module.automatic_optimization:
             captured = self._captured
 
             def manual_backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
                 captured.append(loss)
 
-            def optimizers(use_pl_optimizer: bool = True) -> Any:
-                opts = [_InertOptimizer(o) for o in trainer.optimizers]
-                return opts[0] if len(opts) == 1 else opts
-
-            def lr_schedulers() -> Any:
-                scheds = [_SilentScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
-                if not scheds:
-                    return None
-                return scheds[0] if len(scheds) == 1 else scheds
-
             module.manual_backward = manual_backward
-            module.optimizers = optimizers
-            module.lr_schedulers = lr_schedulers
             module.clip_gradients = _noop
+
+    def route_optimizers(self, optimizers: Callable[[], Any]) -> None:
+        """Make the replica's ``self.optimizers()`` return ``optimizers()`` (e.g. a twin's own)."""
+        self._optimizers = optimizers
 
     @overload
     def training_loss(self, batch: Any, batch_idx: int = 0) -> torch.Tensor: ...
@@ -283,6 +286,13 @@ class StepReplica:
         """``loss_fn(model, batch)`` form for :class:`lightning_eos.curvature.HessianOperator`."""
         del model  # the replica itself is the model the operator differentiates
         return self.training_loss(batch)
+
+
+def _one_or_list(items: list[Any]) -> Any:
+    """Lightning's convention for ``optimizers()``/``lr_schedulers()``: None, the one, or a list."""
+    if not items:
+        return None
+    return items[0] if len(items) == 1 else items
 
 
 def group_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

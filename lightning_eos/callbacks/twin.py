@@ -44,10 +44,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_eos.callbacks._lightning import (
+    InertOptimizer,
     OptimizerStepTracker,
     StepReplica,
-    _InertOptimizer,
-    _SilentScheduler,
     allreduce_sum,
     check_supported_strategy,
     extract_loss,
@@ -277,25 +276,12 @@ class TwinDivergence(Callback):
 
     def _install_optimizer_views(self, trainer: pl.Trainer) -> None:
         """The replica's ``self.optimizers()`` is the twin's optimizer (an inert stand-in for the real
-        one before the twin's exists) and ``self.lr_schedulers()`` are schedulers whose ``step`` does
-        nothing: a module hook that edits or steps its optimizer changes the twin's, never the real
-        run's (the twin follows the real schedule through the applied hyper-parameters)."""
+        one before the twin's exists; its ``self.lr_schedulers()`` step nothing): a module hook that
+        edits or steps its optimizer changes the twin's, never the real run's (the twin follows the
+        real schedule through the applied hyper-parameters)."""
         assert self._replica is not None and self.engine is not None
-        engine, module = self.engine, self._replica.module
-
-        def optimizers(use_pl_optimizer: bool = True) -> Any:
-            if engine.optimizer is not None:
-                return engine.optimizer
-            return _InertOptimizer(trainer.optimizers[0])
-
-        def lr_schedulers() -> Any:
-            schedulers = [_SilentScheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
-            if not schedulers:
-                return None
-            return schedulers[0] if len(schedulers) == 1 else schedulers
-
-        module.optimizers = optimizers
-        module.lr_schedulers = lr_schedulers
+        engine = self.engine
+        self._replica.route_optimizers(lambda: engine.optimizer or InertOptimizer(trainer.optimizers[0]))
 
     def _forward(self, name: str, *args: Any) -> None:
         """Call the twin replica's own LightningModule hook ``name`` (logging silenced).
