@@ -19,6 +19,9 @@ _EXPORTS = {
     "max_stable_lr": "lightning_eos.bounds",
     "register_threshold": "lightning_eos.bounds",
     "weight_decay_window": "lightning_eos.bounds",
+    "AdaptiveLocalLR": "lightning_eos.callbacks",
+    "LocalLRController": "lightning_eos.local_lr",
+    "LocalLRRecord": "lightning_eos.local_lr",
     "SharpnessMonitor": "lightning_eos.callbacks",
     "SpaceTimeMaps": "lightning_eos.callbacks",
     "StabilityMonitor": "lightning_eos.callbacks",
@@ -36,8 +39,11 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AdaptiveLocalLR",
     "EigenResult",
     "HessianOperator",
+    "LocalLRController",
+    "LocalLRRecord",
     "SharpnessMonitor",
     "SpaceTimeMaps",
     "StabilityMonitor",

@@ -19,7 +19,13 @@ from torch import nn
 
 from lightning_eos import bounds, curvature, layers
 from lightning_eos.budget import MeasurementBudget
-from lightning_eos.callbacks import SharpnessMonitor, SpaceTimeMaps, StabilityMonitor, TwinDivergence
+from lightning_eos.callbacks import (
+    AdaptiveLocalLR,
+    SharpnessMonitor,
+    SpaceTimeMaps,
+    StabilityMonitor,
+    TwinDivergence,
+)
 from lightning_eos.twin import TwinEngine, apply_ulp
 
 # callback -> {argument: [bad values]}; arguments whose every value is legal are listed with [].
@@ -74,6 +80,34 @@ CALLBACK_CASES: dict[type, dict[str, list[Any]]] = {
         "resync_on_nonfinite": ["no"],
         "log_prefix": ["", "twin/"],
         "strict": [0],
+    },
+    AdaptiveLocalLR: {
+        "every_n_steps": [0, 1.5],
+        "adaptive_interval": ["yes"],
+        "rise_tolerance": [-0.1, "0.1"],
+        "budget": [0.0, 1.0],
+        "mode": ["raise", None],
+        "safety": [0.0, 1.5],
+        "max_multiplier": [0.5, 0.0],
+        "max_change": [0.5, 1.0],
+        "smoothing": [-0.1, 1.0],
+        "layers": ["block", 3, {"net.0": 1}],
+        "coupled": ["no"],
+        "probe": ["all"],
+        "probe_size": [0],
+        "probe_batch_size": [0],
+        "probe_mode": ["test"],
+        "tol": [0.0],
+        "max_iter": [0],
+        "warm_start": [1],
+        "twin": ["sometimes"],
+        "twin_threshold": [0.0],
+        "twin_cut": [0.0, 1.5],
+        "check_weight_decay": ["yes"],
+        "optimizer_idx": [-1],
+        "log_prefix": [""],
+        "loss_fn": [3, "lightning_eos.no_such_function"],
+        "seed": [0.5],
     },
     SpaceTimeMaps: {
         "every_n_steps": [0],

@@ -22,16 +22,14 @@ LRs; a checkpoint saved with the callback resumes without it.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from lightning_eos import bounds, curvature
@@ -44,6 +42,7 @@ from lightning_eos.callbacks._lightning import (
     logging_step,
     merge_custom_scalars,
 )
+from lightning_eos.callbacks._probe import FixedProbe, probe_loss_is_finite, probe_objective, probe_precision
 from lightning_eos.callbacks._validation import ArgCheck
 from lightning_eos.isolation import isolated_rng, rng_devices
 from lightning_eos.local_lr import (
@@ -58,14 +57,6 @@ __all__ = ["AdaptiveLocalLR"]
 
 _STATE_VERSION = 1
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
-
-
-@contextlib.contextmanager
-def _float32_probe(device: torch.device) -> Iterator[None]:
-    """Gradients on, autocast off: the probe runs in the parameters' own precision."""
-    autocast_device = device.type if device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
-    with torch.enable_grad(), torch.autocast(device_type=autocast_device, enabled=False):
-        yield
 
 
 class AdaptiveLocalLR(Callback):
@@ -258,9 +249,7 @@ class AdaptiveLocalLR(Callback):
         self._last_twin_step: int | None = None
         self._twin_cb: Any = None
         self._sign = 1.0
-        self._probe_indices: torch.Tensor | None = None
-        self._probe_batches: list[Any] | None = None
-        self._probe_weights: list[float] | None = None
+        self._probe = FixedProbe("AdaptiveLocalLR", probe_size, probe_batch_size, seed)
         self._refreshed_this_step: LocalLRRecord | None = None
         self._logged_scaler_steps = 0
         self._clock: float | None = None
@@ -342,7 +331,7 @@ class AdaptiveLocalLR(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe == "fixed":
-            self._build_fixed_probe(trainer, pl_module)
+            self._probe.build(trainer, pl_module)
 
     @override
     def on_train_batch_start(
@@ -413,16 +402,14 @@ class AdaptiveLocalLR(Callback):
             "last_twin_step": self._last_twin_step,
             "budget": None if self._budget is None else self._budget.state_dict(),
             "schedule": None if self._schedule is None else self._schedule.state_dict(),
-            "probe_indices": None if self._probe_indices is None else self._probe_indices.clone(),
+            "probe_indices": self._probe.state(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in on_fit_start, once the controller (which needs the optimizer) exists.
         self._pending = dict(state_dict)
-        indices = state_dict.get("probe_indices")
-        self._probe_indices = None if indices is None else torch.as_tensor(indices, dtype=torch.int64).clone()
-        self._probe_batches = None
+        self._probe.restore(state_dict.get("probe_indices"))
 
     # ------------------------------------------------------------------ schedule
     def _due(self, trainer: Trainer) -> bool:
@@ -488,26 +475,20 @@ class AdaptiveLocalLR(Callback):
         params = [p for ps in ctl.layers.values() for p in ps]
         reduce = allreduce_sum(trainer)
         if self.probe == "fixed":
-            if self._probe_batches is None:
-                self._build_fixed_probe(trainer, pl_module)
-            probe: list[Any] = list(self._probe_batches or [])
-            weights: list[float] | None = self._probe_weights
+            probe, fixed_weights = self._probe.ensure(trainer, pl_module)
+            weights: list[float] | None = fixed_weights
         else:
             probe, weights = [batch], None
         device = params[0].device
         sign = self._sign
         record: LocalLRRecord | None = None
-        with isolated_rng(rng_devices(params)), _float32_probe(device):
+        with isolated_rng(rng_devices(params)), probe_precision(device):
             replica = StepReplica(
                 pl_module, trainer, share_parameters=True, eager=True, optimizer_idx=self.optimizer_idx
             )
-            base = self._loss(replica)
+            loss_fn = probe_objective(replica, self.loss_fn, sign)
 
-            def loss_fn(model: torch.nn.Module, b: Any) -> torch.Tensor:
-                out = base(model, b)
-                return out if sign == 1.0 else sign * out
-
-            if self._finite(replica.module, loss_fn, probe, reduce, device):
+            if probe_loss_is_finite(replica.module, loss_fn, probe, reduce, self.probe_mode):
                 op = curvature.HessianOperator(
                     replica.module,
                     loss_fn,
@@ -532,70 +513,6 @@ class AdaptiveLocalLR(Callback):
             shared = trainer.strategy.broadcast(ctl.shared_state(), src=0)
             ctl.load_shared_state(shared)
         return record
-
-    def _loss(self, replica: StepReplica) -> LossFn:
-        if self.loss_fn is None:
-            return replica.loss_fn
-        user_fn = self.loss_fn
-        return lambda model, batch: user_fn(replica.module, batch)
-
-    def _finite(
-        self, model: torch.nn.Module, loss_fn: LossFn, probe: list[Any], reduce: Any, device: torch.device
-    ) -> bool:
-        """Whether the probe loss is finite on every rank (the decision is all-reduced, so every rank
-        runs the collective solver, or none)."""
-        was_training = model.training
-        model.train(self.probe_mode == "train")
-        try:
-            with torch.no_grad():
-                bad = sum(0 if bool(torch.isfinite(loss_fn(model, b).detach()).all()) else 1 for b in probe)
-        finally:
-            model.train(was_training)
-        flag = torch.tensor([float(bad)], dtype=torch.float64, device=device)
-        if reduce is not None:
-            flag = reduce(flag)
-        return float(flag.sum()) == 0.0
-
-    def _build_fixed_probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loader = trainer.train_dataloader
-        if isinstance(loader, (list, tuple, dict)):
-            raise ValueError(
-                "AdaptiveLocalLR(probe='fixed') needs a single train DataLoader; with several use "
-                "probe='current'."
-            )
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            raise ValueError(
-                "AdaptiveLocalLR(probe='fixed') draws samples by index and needs a map-style train dataset; "
-                f"got {type(dataset).__name__}. Use probe='current'."
-            )
-        n = len(dataset)
-        if self._probe_indices is None:
-            size = n if self.probe_size is None else min(self.probe_size, n)
-            generator = torch.Generator().manual_seed(self.seed)
-            self._probe_indices = torch.randperm(n, generator=generator)[:size].sort().values
-        indices = self._probe_indices
-        if len(indices) and int(indices.max()) >= n:
-            raise ValueError(
-                f"the stored probe indices go up to {int(indices.max())} but the train dataset has {n} "
-                "samples: resume with the same dataset."
-            )
-        world, rank = trainer.world_size, trainer.global_rank
-        if len(indices) < world:
-            raise ValueError(f"probe_size={len(indices)} is smaller than the {world} DDP ranks sharing it.")
-        local = indices[rank::world].tolist()
-        chunk = self.probe_batch_size or getattr(loader, "batch_size", None) or len(local)
-        collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
-        batches, weights = [], []
-        with isolated_rng(rng_devices(pl_module.parameters())):
-            for start in range(0, len(local), chunk):
-                part = local[start : start + chunk]
-                b = collate([dataset[i] for i in part])
-                b = trainer.precision_plugin.convert_input(b)
-                b = pl_module._on_before_batch_transfer(b, 0)
-                batches.append(trainer.strategy.batch_to_device(b))
-                weights.append(float(len(part)))
-        self._probe_batches, self._probe_weights = batches, weights
 
     # ------------------------------------------------------------------ logging
     def _refresh_metrics(self, record: LocalLRRecord) -> dict[str, float]:

@@ -394,7 +394,9 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path, monkeypatch: pyt
 
 def test_warm_starts_give_the_cold_eigenvalue_in_fewer_products_and_resume(tmp_path: Path) -> None:
     def run(warm: bool) -> SharpnessMonitor:
-        monitor = SharpnessMonitor(every_n_steps=5, probe_size=256, warm_start=warm, batch_sharpness=False)
+        monitor = SharpnessMonitor(
+            every_n_steps=5, probe_size=256, warm_start=warm, batch_sharpness=False, eig_tol=1e-6
+        )
         quiet_fit(make_trainer(max_steps=40, callbacks=[monitor]), DigitsMLP(lr=0.05), DigitsDataModule(256))
         return monitor
 
