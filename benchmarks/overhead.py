@@ -11,7 +11,9 @@ user has), no checkpointing, no progress bar:
 For each callback (``SharpnessMonitor()``, ``StabilityMonitor()``, ``TwinDivergence()``, all at their
 defaults) the fit's wall time is compared with the baseline fit *in the same run*: runs alternate
 baseline / callback, and the ratio of the best of ``--repeats`` is reported. For TwinDivergence also
-parameter + optimizer-state memory (bytes of distinct tensors) with over without. For
+parameter + optimizer-state memory (bytes of distinct tensors) with over without. The CPU-time
+ratio (``time.process_time``) is reported next to the wall-time ratio: on a shared machine it is far
+less sensitive to other processes. For
 SharpnessMonitor also what it says of itself: the measured share ``eos/overhead``, the number of
 measurements and the Hessian-vector products per measurement (the first, cold, and the mean of the
 warm-started rest).
@@ -25,6 +27,7 @@ Prints a markdown table. Targets (cost issue): SharpnessMonitor ≤ 1.10× (aim 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import tempfile
 import time
@@ -104,7 +107,9 @@ def _state_tensors(module: nn.Module, optimizer: torch.optim.Optimizer | None) -
     return out
 
 
-def _fit(model_name: str, callback: pl.Callback | None, steps: int) -> tuple[float, pl.Trainer, Any]:
+def _fit(
+    model_name: str, callback: pl.Callback | None, steps: int
+) -> tuple[float, float, pl.Trainer, Any]:
     model = MODELS[model_name]()
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(
@@ -120,10 +125,10 @@ def _fit(model_name: str, callback: pl.Callback | None, steps: int) -> tuple[flo
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             trainer.fit(model, _data())
-            elapsed = time.perf_counter() - start
-    return elapsed, trainer, model
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return elapsed, cpu, trainer, model
 
 
 def main() -> None:
@@ -135,19 +140,23 @@ def main() -> None:
     parser.add_argument("--callbacks", nargs="+", default=list(CALLBACKS), choices=list(CALLBACKS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps, best of {args.repeats}\n")
-    print("| run | callback | time ratio | baseline s | with s | notes |")
-    print("|---|---|---|---|---|---|")
+    print("| run | callback | wall-time ratio | CPU-time ratio | baseline s | with s | notes |")
+    print("|---|---|---|---|---|---|---|")
     for model_name in args.models:
         _fit(model_name, None, 20)  # warm-up: imports, allocator, first-call overheads
         for cb_name in args.callbacks:
-            base, with_cb = [], []
+            base, with_cb, base_cpu, with_cpu = [], [], [], []
             notes = ""
             for _ in range(args.repeats):
-                base.append(_fit(model_name, None, args.steps)[0])
+                elapsed, cpu, _, _ = _fit(model_name, None, args.steps)
+                base.append(elapsed)
+                base_cpu.append(cpu)
                 callback = CALLBACKS[cb_name]()
-                elapsed, trainer, model = _fit(model_name, callback, args.steps)
+                elapsed, cpu, trainer, model = _fit(model_name, callback, args.steps)
                 with_cb.append(elapsed)
+                with_cpu.append(cpu)
             if isinstance(callback, SharpnessMonitor):
                 hvps = [r.hvps for r in callback.history]
                 warm = statistics.mean(hvps[1:]) if len(hvps) > 1 else float("nan")
@@ -165,7 +174,8 @@ def main() -> None:
                 )
                 notes = f"memory {(real + twin) / real:.3f}×"
             print(
-                f"| {model_name} | {cb_name} | {min(with_cb) / min(base):.3f}× | {min(base):.2f} | "
+                f"| {model_name} | {cb_name} | {min(with_cb) / min(base):.3f}× | "
+                f"{min(with_cpu) / min(base_cpu):.3f}× | {min(base):.2f} | "
                 f"{min(with_cb):.2f} | {notes} |",
                 flush=True,
             )
