@@ -141,7 +141,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps, best of {args.repeats}\n")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps, best of {args.repeats}")
+    print()
     print("| run | callback | wall-time ratio | CPU-time ratio | baseline s | with s | notes |")
     print("|---|---|---|---|---|---|---|")
     for model_name in args.models:
