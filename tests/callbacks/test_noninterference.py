@@ -250,7 +250,10 @@ class ManualBoring(BoringModel):
 def test_bitwise_identical_under_manual_optimization(probe: str) -> None:
     kw = {"max_steps": 4, "limit_train_batches": 4}
     plain = _run(ManualBoring, [], **kw)
-    monitors = [SharpnessMonitor(every_n_steps=1, probe=probe, probe_size=16), StabilityMonitor(every_n_steps=1)]
+    monitors = [
+        SharpnessMonitor(every_n_steps=1, probe=probe, probe_size=16),
+        StabilityMonitor(every_n_steps=1),
+    ]
     watched = _run(ManualBoring, monitors, **kw)
     _assert_identical(plain, watched)
     assert len(monitors[0].history) == 4 and all(r.finite for r in monitors[0].history)
@@ -274,7 +277,10 @@ class TinyTextTransformer(LightningTransformer):
 def test_bitwise_identical_on_lightnings_demo_transformer() -> None:
     kw = {"max_steps": 4, "accumulate_grad_batches": 2}
     plain = _run(TinyTextTransformer, [], **kw)
-    monitors = [SharpnessMonitor(every_n_steps=1, probe_size=4, max_iter=20, tol=1e-2), StabilityMonitor(every_n_steps=1)]
+    monitors = [
+        SharpnessMonitor(every_n_steps=1, probe_size=4, max_iter=20, tol=1e-2),
+        StabilityMonitor(every_n_steps=1),
+    ]
     watched = _run(TinyTextTransformer, monitors, **kw)
     _assert_identical(plain, watched)
     assert len(monitors[0].history) == 4 and all(r.finite for r in monitors[0].history)

@@ -35,12 +35,14 @@ def test_argument_errors_name_the_callbacks() -> None:
     # One validator module for all three callbacks: one message format.
     with pytest.raises(
         ValueError,
-        match=r"^StabilityMonitor: every_n_steps=0 is not supported; accepted values: a positive int or None\.$",
+        match=r"^StabilityMonitor: every_n_steps=0 is not supported; "
+        r"accepted values: a positive int or None\.$",
     ):
         StabilityMonitor(every_n_steps=0)
     with pytest.raises(
         ValueError,
-        match=r"^SharpnessMonitor: every_n_steps=0 is not supported; accepted values: a positive int or None\.$",
+        match=r"^SharpnessMonitor: every_n_steps=0 is not supported; "
+        r"accepted values: a positive int or None\.$",
     ):
         SharpnessMonitor(every_n_steps=0)
     with pytest.raises(ValueError, match=r"^SharpnessMonitor: max_iter=2 .* an int >= k=3\.$"):
