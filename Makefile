@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/edge_of_stability.py --out runs/demo
+	$(PY) examples/demo.py --out runs/demo
 
 test: $(STAMP)
 	command -v chromium || (apt-get update -qq && apt-get install -y -qq chromium) || true
