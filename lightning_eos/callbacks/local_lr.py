@@ -46,6 +46,7 @@ from lightning_eos.callbacks._probe import FixedProbe, probe_loss_is_finite, pro
 from lightning_eos.callbacks._validation import ArgCheck
 from lightning_eos.isolation import isolated_rng, rng_devices
 from lightning_eos.local_lr import (
+    LayerUpdateScaler,
     LocalLRController,
     LocalLRRecord,
     RefreshSchedule,
@@ -304,6 +305,7 @@ class AdaptiveLocalLR(Callback):
             warn=lambda msg: rank_zero_warn(msg, category=RuntimeWarning),
         )
         self._twin_cb = self._find_twin(trainer)
+        self._twin_scalers: dict[int, LayerUpdateScaler] = {}  # per TwinDivergence: its mirrored scaling
         if self.budget is not None:
             n_layers = len(layer_map)
             self._budget = MeasurementBudget(self.budget, first_cost_steps=1.0 + 15.0 * (n_layers + 1))
@@ -339,6 +341,7 @@ class AdaptiveLocalLR(Callback):
     ) -> None:
         if self.controller is None or trainer.global_step == self._last_start_step:
             return  # an accumulation micro-batch after the first: the step's refresh is done
+        self._mirror_into_twins(trainer)
         self._last_start_step = trainer.global_step
         self._refreshed_this_step = None
         now = time.perf_counter()
@@ -429,6 +432,32 @@ class AdaptiveLocalLR(Callback):
         return lambda proposal: int(trainer.strategy.broadcast(int(proposal), src=0))
 
     # ------------------------------------------------------------------ twin
+    def _mirror_into_twins(self, trainer: Trainer) -> None:
+        """Every TwinDivergence's optimizer applies the multipliers the real step applied.
+
+        A twin steps after the real step of the same batch (in its ``on_train_batch_end``): its own
+        :class:`LayerUpdateScaler` reads ``controller.scaler.last``, so the twin takes the same
+        scaled update and stays in lockstep (an unperturbed twin stays exactly on the real model).
+        A twin re-synced after a non-finite step has a new optimizer: it is wired again.
+        """
+        from lightning_eos.callbacks.twin import TwinDivergence
+
+        controller = self.controller
+        assert controller is not None
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            engine = getattr(cb, "engine", None) if isinstance(cb, TwinDivergence) else None
+            if engine is None or engine.optimizer is None:
+                continue
+            wired = self._twin_scalers.get(id(cb))
+            if wired is not None and wired.optimizer is engine.optimizer:
+                continue
+            if wired is not None:
+                wired.detach()
+            layers = {name: [engine.pairing.twin_of(p) for p in ps] for name, ps in controller.layers.items()}
+            mirror = LayerUpdateScaler(engine.optimizer, layers, lambda: dict(controller.scaler.last))
+            mirror.attach()
+            self._twin_scalers[id(cb)] = mirror
+
     def _find_twin(self, trainer: Trainer) -> Any:
         if self.twin is False:
             return None

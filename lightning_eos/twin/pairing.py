@@ -66,6 +66,10 @@ class ParameterPairing:
             self.layer_index.append(keys[key] if key is not None else -1)
         self.layer_names = list(keys)
 
+    def twin_of(self, real_param: torch.Tensor) -> torch.Tensor:
+        """The twin's counterpart of a real parameter (``KeyError`` for one not matched)."""
+        return self._twin_of[id(real_param)]
+
     @property
     def device(self) -> torch.device:
         """Where the measurements live: the real model's first parameter's device (CPU if none)."""

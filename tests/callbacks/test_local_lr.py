@@ -639,3 +639,17 @@ def test_weight_decay_window_warning_through_the_callback() -> None:
             Tiny(optimizer="adam"),
             tiny_data(),
         )
+
+
+@pytest.mark.parametrize("order", ["controller_first", "twin_first"])
+def test_an_unperturbed_twin_follows_the_controlled_steps_exactly(order: str) -> None:
+    # The twin's optimizer is its own copy: it must apply the multipliers the real step applied.
+    cb = AdaptiveLocalLR(every_n_steps=5, twin=False)
+    twin = TwinDivergence(perturbation="none", every_n_steps=1, validation=False)
+    callbacks = [cb, twin] if order == "controller_first" else [twin, cb]
+    quiet_fit(
+        make_trainer(max_steps=12, callbacks=callbacks), DigitsMLP(lr=4.0), DigitsDataModule(n_samples=200)
+    )
+    assert cb.controller is not None and cb.controller.history
+    assert min(cb.controller.scaler.last.values()) < 1.0  # the controller really scaled the steps
+    assert len(twin.history) == 13 and all(r.divergence == 0.0 for r in twin.history)
