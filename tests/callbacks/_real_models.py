@@ -240,6 +240,44 @@ def resnet() -> HFModule:
     return HFModule(tf.ResNetForImageClassification(config), data, optimizer="sgd", shuffle=True)
 
 
+def gpt2_checkpointing() -> HFModule:
+    """GPT-2 with Hugging Face gradient checkpointing on (the probe turns it off in its replica)."""
+    module = gpt2()
+    module.model.gradient_checkpointing_enable()
+    assert module.model.transformer.gradient_checkpointing
+    return module
+
+
+class CompiledMLP(pl.LightningModule):
+    """A ``torch.compile``'d submodule (AOTAutograd, which has no double backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.compile(
+            nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 3)), backend="aot_eager"
+        )
+        g = _gen(3)
+        self.data = TensorDataset(torch.randn(N, 8, generator=g), torch.randint(0, 3, (N,), generator=g))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=BATCH)
+
+
+def compiled_loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    # The reference evaluates the eager original explicitly: the same function, twice differentiable.
+    x, y = batch
+    return nn.functional.cross_entropy(module.net._orig_mod(x), y)
+
+
 # ------------------------------------------------------------------------------------------- cases
 @dataclass(frozen=True)
 class Case:
@@ -265,6 +303,8 @@ CASES: dict[str, Case] = {
         Case("boring", BoringModel, boring_loss, trainer_kw=_BORING_KW),
         Case("manual_boring", ManualOptimBoringModel, boring_loss, trainer_kw=_BORING_KW),
         Case("gpt2", gpt2, hf_loss),
+        Case("gpt2_checkpointing", gpt2_checkpointing, hf_loss),
+        Case("compiled", CompiledMLP, compiled_loss),
         Case("bert", bert, hf_loss),
         Case("vit", vit, hf_loss),
         Case("resnet", resnet, hf_loss),

@@ -30,8 +30,18 @@ from lightning_eos import curvature
 from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor, TwinDivergence
 from tests.callbacks._real_models import CASES, STEPS, Case, SnapshotAt, assert_identical, fit
 
-AUTOMATIC = ["demo_transformer", "demo_lstm", "boring", "gpt2", "bert", "vit", "resnet"]
-SLOW = {"gpt2", "bert", "vit"}  # the transformers models: the heaviest cases
+AUTOMATIC = [
+    "demo_transformer",
+    "demo_lstm",
+    "boring",
+    "gpt2",
+    "gpt2_checkpointing",
+    "bert",
+    "vit",
+    "resnet",
+    "compiled",
+]
+SLOW = {"gpt2", "gpt2_checkpointing", "bert", "vit"}  # the transformers models: the heaviest cases
 
 
 def _cases(names: list[str]) -> list[Any]:
