@@ -81,6 +81,7 @@ __all__ = [
     "rule_for",
     "stability_constant",
     "unregister_threshold",
+    "group_weight_decay_window",
     "weight_decay_window",
 ]
 
@@ -742,3 +743,18 @@ def weight_decay_window(
     eta = _check_lr(lr)
     c = stability_constant(momentum, nesterov, dampening)
     return WeightDecayWindow(low=-lo, high=c / eta - hi)
+
+
+def group_weight_decay_window(
+    lambda_min: float, lambda_max: float, group: Mapping[str, Any], lr: float | None = None
+) -> WeightDecayWindow:
+    """:func:`weight_decay_window` for an SGD param group (or a snapshot of one): its momentum,
+    Nesterov flag and dampening, and its ``lr`` unless ``lr`` is given (e.g. a scaled one)."""
+    return weight_decay_window(
+        lambda_min,
+        lambda_max,
+        _as_float(group["lr"], "lr") if lr is None else lr,
+        momentum=float(group.get("momentum", 0.0) or 0.0),
+        nesterov=bool(group.get("nesterov", False)),
+        dampening=float(group.get("dampening", 0.0) or 0.0),
+    )

@@ -1027,14 +1027,7 @@ class LocalLRController:
                 eta = plan.multiplier[name] * _lr_of(g)
                 if eta <= 0:
                     continue
-                window = bounds.weight_decay_window(
-                    lo,
-                    hi,
-                    eta,
-                    momentum=float(g.get("momentum", 0.0) or 0.0),
-                    nesterov=bool(g.get("nesterov", False)),
-                    dampening=float(g.get("dampening", 0.0) or 0.0),
-                )
+                window = bounds.group_weight_decay_window(lo, hi, g, lr=eta)
                 alpha = float(g.get("weight_decay", 0.0) or 0.0)
                 if alpha > 0.0 and alpha not in window:
                     self._wd_warned.add(name)

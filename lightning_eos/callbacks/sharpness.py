@@ -538,15 +538,7 @@ class SharpnessMonitor(Callback):
             binding, critical, lr = result.binding_group, result.critical, result.lr
             ratio, max_lr = result.ratio, result.max_stable_lr
             if self.which == "both" and not self._use_preconditioned:
-                g = applied[binding]
-                window = bounds.weight_decay_window(
-                    lam_min,
-                    top,
-                    lr,
-                    momentum=float(g.get("momentum", 0.0) or 0.0),
-                    nesterov=bool(g.get("nesterov", False)),
-                    dampening=float(g.get("dampening", 0.0) or 0.0),
-                )
+                window = bounds.group_weight_decay_window(lam_min, top, applied[binding], lr=lr)
                 wd_low, wd_high = float(window.low), float(window.high)
 
         if math.isfinite(batch_value):
