@@ -27,7 +27,8 @@ falling, non-monotonically; 96.9 % held-out accuracy. Meanwhile the twin's gap g
 
 Writes TensorBoard logs under ``--out`` and the HTML report under ``--out``/eos_report, prints the
 report's summary table and the commands to look at both. ``--figures DIR`` also copies the report's
-PNGs to DIR and ``--screenshot PNG`` takes a picture of the HTML page with headless chromium (that
+PNGs to DIR, ``--tensorboard-screenshot PNG`` a picture of TensorBoard's Custom Scalars tab, and
+``--screenshot PNG`` takes a picture of the HTML page with headless chromium (that
 is how ``docs/figures/demo_*.png`` and ``docs/figures/report.png`` are made).
 """
 
@@ -240,6 +241,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also save a PNG of report.html here (headless chromium)",
     )
+    parser.add_argument(
+        "--tensorboard-screenshot",
+        type=Path,
+        default=None,
+        help="also save a PNG of TensorBoard's Custom Scalars tab for this run (a local server, chromium)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest here)")
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -278,8 +285,10 @@ def build_callbacks(args: argparse.Namespace) -> list[pl.Callback]:
     return callbacks
 
 
-def screenshot(page: Path, png: Path, size: str = "1200,1600") -> bool:
-    """A PNG of the top of ``page`` with headless chromium; False (and a note) without chromium."""
+def screenshot(page: Path | str, png: Path, size: str = "1200,1600", wait_ms: int = 0) -> bool:
+    """A PNG of the top of ``page`` (a file, or an http URL on this machine) with headless chromium;
+    ``wait_ms`` of virtual time lets a page that draws with JavaScript finish; False (and a note)
+    without chromium."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         print("no chromium on PATH: no screenshot", file=sys.stderr)
@@ -297,14 +306,40 @@ def screenshot(page: Path, png: Path, size: str = "1200,1600") -> bool:
         f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
         f"--screenshot={png.resolve()}",
         f"--window-size={size}",
+        *([f"--virtual-time-budget={wait_ms}"] if wait_ms else []),
     ]
-    done = subprocess.run(
-        [browser, *flags, page.resolve().as_uri()], capture_output=True, timeout=180, check=False
-    )
+    url = page if isinstance(page, str) else page.resolve().as_uri()
+    done = subprocess.run([browser, *flags, url], capture_output=True, timeout=180, check=False)
     ok = done.returncode == 0 and png.is_file()
     if not ok:
         print(f"chromium failed (exit {done.returncode}): no screenshot", file=sys.stderr)
     return ok
+
+
+def tensorboard_screenshot(logdir: Path, png: Path) -> bool:
+    """Serve ``logdir`` with TensorBoard on a free loopback port and screenshot its Custom Scalars tab."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(60):  # the server takes a few seconds to load the event files
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(3)
+        return screenshot(url + "#custom_scalars", png, size="1400,1000", wait_ms=15000)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _quiet_warnings() -> None:
@@ -360,6 +395,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.copyfile(path, args.figures / f"{prefix}{path.name}")
     if args.screenshot is not None:
         screenshot(report_dir / "report.html", args.screenshot)
+    if args.tensorboard_screenshot is not None:
+        tensorboard_screenshot(Path(logger.log_dir), args.tensorboard_screenshot)
     sharp = next(c for c in callbacks if isinstance(c, SharpnessMonitor))
     return {
         "summary": summary,
