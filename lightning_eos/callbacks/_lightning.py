@@ -278,9 +278,17 @@ class StepReplica:
         at epoch end, a curriculum moves on): a replica that trains alongside the real module must
         receive them as the real module does. Logging inside them is silenced like in the step.
         """
+        if not self.overrides(name):
+            return None  # LightningModule's own hooks do nothing: skip the call and its set-up
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return getattr(self.module, name)(*args, **kwargs)
+
+    def overrides(self, name: str) -> bool:
+        """Whether the module's class (or the instance) defines hook ``name`` itself."""
+        if name in vars(self.module):
+            return True
+        return getattr(type(self.module), name, None) is not getattr(LightningModule, name, None)
 
     def loss_fn(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """``loss_fn(model, batch)`` form for :class:`lightning_eos.curvature.HessianOperator`."""

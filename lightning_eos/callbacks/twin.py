@@ -292,6 +292,8 @@ class TwinDivergence(Callback):
         """
         if self._replica is None or self.engine is None or self.engine.frozen:
             return
+        if not self._replica.overrides(name):
+            return
         with isolated_rng(self._rng_devices):
             self._replica.call_hook(name, *args)
 
