@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, hessian
 
 from lightning_eos.curvature import FunctionOperator
@@ -123,3 +124,20 @@ def quadratic(eigs: Sequence[float] | torch.Tensor, seed: int = 0) -> tuple[Func
     a = (q * lam) @ q.T
     a = 0.5 * (a + a.T)
     return FunctionOperator(lambda v: a @ v, n), a
+
+
+class OnceTanh(torch.autograd.Function):
+    """tanh whose backward is ``@once_differentiable`` (like many fused custom kernels): no second
+    derivative."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = x.tanh()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)

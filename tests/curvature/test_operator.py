@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from lightning_eos.curvature import (
     Batches,
@@ -29,7 +28,7 @@ from lightning_eos.curvature.operator import (
     finite_difference_step,
 )
 
-from ._helpers import bn_net, ce, data, dense_hessian, mlp
+from ._helpers import OnceTanh, bn_net, ce, data, dense_hessian, mlp
 
 
 def _vec(n: int, seed: int = 5) -> torch.Tensor:
@@ -474,22 +473,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
-class _OnceTanh(torch.autograd.Function):
-    """tanh whose backward is ``@once_differentiable`` (like many fused custom kernels)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        y = x.tanh()
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
 class _Opaque(torch.autograd.Function):
     """Identity without any backward: a backward that calls it has no derivative of its own."""
 
@@ -528,7 +511,7 @@ def _custom_mlp(fn: type[torch.autograd.Function]) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("fn", [_OnceTanh, _OpaqueTanh], ids=["once_differentiable", "raises"])
+@pytest.mark.parametrize("fn", [OnceTanh, _OpaqueTanh], ids=["once_differentiable", "raises"])
 def test_function_without_double_backward_exact_raises_auto_falls_back_once(fn: type) -> None:
     model, batch = _custom_mlp(fn), data(20)
     H = dense_hessian(mlp(), ce, [batch], [20.0])
@@ -547,7 +530,7 @@ def test_function_without_double_backward_exact_raises_auto_falls_back_once(fn: 
     H_blk = H[36:54, 36:54]
     assert _rel(blk, H_blk @ vs[0][36:54]) < FD64
     # without the check, torch.autograd.grad drops the once_differentiable part without a word
-    if fn is _OnceTanh:
+    if fn is OnceTanh:
         g = torch.autograd.grad(ce(model, batch), list(model.parameters()), create_graph=True)
         p = list(model.parameters())
         silent = torch.autograd.grad(

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from lightning_eos.curvature import (
     EigenResult,
@@ -26,7 +25,7 @@ from lightning_eos.curvature import (
 )
 from lightning_eos.curvature.operator import MissingSecondDerivativeError
 
-from ._helpers import bn_net, ce, data, dense_hessian, mlp
+from ._helpers import OnceTanh, bn_net, ce, data, dense_hessian, mlp
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Problem = tuple[nn.Module, Batch, torch.Tensor]
@@ -272,25 +271,9 @@ def test_bad_arguments() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class _OnceTanh(torch.autograd.Function):
-    """tanh with a ``@once_differentiable`` backward (no second derivative)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        y = x.tanh()
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
-class _OnceTanhModule(nn.Module):
+class OnceTanhModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OnceTanh.apply(x)
+        return OnceTanh.apply(x)
 
 
 def test_finite_difference_spectrum_matches_eigvalsh(problem: Problem) -> None:
@@ -321,7 +304,7 @@ def _every_function(
 def test_hvp_reaches_every_public_function() -> None:
     plain, batch = mlp(), data(30)
     custom = copy.deepcopy(plain)
-    custom[1] = _OnceTanhModule()
+    custom[1] = OnceTanhModule()
     opt = torch.optim.Adam(list(plain.parameters()), lr=1e-2)
     _train(plain, opt, batch)
     custom.load_state_dict(plain.state_dict())
