@@ -31,7 +31,8 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	# --no-deps: the peers' own requirements would replace the CPU torch with a CUDA build.
 	$(PY) -m pip install --quiet --no-deps pyhessian hessian-eigenthings curvlinops-for-pytorch \
-		einops einconv opt-einsum linear_operator backpack-for-pytorch
+		einops einconv opt-einsum linear_operator backpack-for-pytorch \
+		prodigyopt dadaptation pytorch-optimizer
 	$(PY) benchmarks/bench_curvature.py
 	$(PY) benchmarks/bench_twin.py
 
