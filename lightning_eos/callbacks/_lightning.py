@@ -10,6 +10,9 @@ The callbacks are thin adapters over the torch-only core; what they have in comm
   ``on_train_batch_end`` a step-interval scheduler has already moved the LR to the next step's).
 * rank-aware logging to every attached logger, the TensorBoard custom-scalars layout, the DDP
   all-reduce used by the probes, and the check for unsupported strategies.
+* the places where ``lightning.pytorch`` and the standalone ``pytorch_lightning`` package differ by
+  class identity (:func:`inert_optimizer`, :func:`lightning_module_class`,
+  :func:`is_tensorboard_logger`): the callbacks run under either package's Trainer.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from typing_extensions import override
 
 from lightning_eos.isolation import replicate
 
@@ -37,6 +39,9 @@ __all__ = [
     "SilentScheduler",
     "guarded",
     "StepReplica",
+    "inert_optimizer",
+    "is_tensorboard_logger",
+    "lightning_module_class",
     "add_custom_scalars",
     "allreduce_sum",
     "check_supported_strategy",
@@ -117,27 +122,72 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-class InertOptimizer(LightningOptimizer):
-    """Stands in for a real optimizer inside a replica's manual-optimization ``training_step``.
+class _InertSteps:
+    """The inert half of :class:`InertOptimizer`, mixed into either framework's LightningOptimizer."""
 
-    Built like Lightning's own wrapper (its class is a dynamic subclass of the real optimizer's
-    class), so user code that checks ``isinstance(opt, (Optimizer, LightningOptimizer))`` accepts it.
-    Reads (``param_groups``, ``state``, ``defaults``) go to the real optimizer; ``step`` only evaluates
-    a closure if one is given, ``zero_grad`` and ``toggle_model`` do nothing, so a replica never
-    updates, zeroes or toggles anything of the real run.
-    """
-
-    @override
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         return closure() if closure is not None else None
 
     def zero_grad(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    @override
     @contextlib.contextmanager
     def toggle_model(self, sync_grad: bool = True) -> Iterator[None]:
         yield
+
+
+class InertOptimizer(_InertSteps, LightningOptimizer):
+    """Stands in for a real optimizer inside a replica's manual-optimization ``training_step``.
+
+    Built like Lightning's own wrapper (its class is a dynamic subclass of the real optimizer's
+    class), so user code that checks ``isinstance(opt, (Optimizer, LightningOptimizer))`` accepts it.
+    Reads (``param_groups``, ``state``, ``defaults``) go to the real optimizer; ``step`` only evaluates
+    a closure if one is given, ``zero_grad`` and ``toggle_model`` do nothing, so a replica never
+    updates, zeroes or toggles anything of the real run. Under the standalone ``pytorch_lightning``
+    package use :func:`inert_optimizer`: it subclasses that package's ``LightningOptimizer``.
+    """
+
+
+def _standalone(obj: Any) -> bool:
+    """Whether ``obj`` (a Trainer, a LightningModule) comes from the standalone ``pytorch_lightning``
+    package rather than ``lightning.pytorch``: the two define distinct classes of the same names."""
+    return any(cls.__module__.startswith("pytorch_lightning.") for cls in type(obj).__mro__)
+
+
+@functools.cache
+def _standalone_inert_class() -> type:
+    from pytorch_lightning.core.optimizer import LightningOptimizer as StandaloneOptimizer
+
+    return type(
+        "InertOptimizer",
+        (_InertSteps, StandaloneOptimizer),
+        {"__doc__": InertOptimizer.__doc__, "__module__": __name__},
+    )
+
+
+def inert_optimizer(optimizer: torch.optim.Optimizer, trainer: Any) -> Any:
+    """An :class:`InertOptimizer` over ``optimizer``, of the trainer's framework: user code that checks
+    ``isinstance(opt, LightningOptimizer)`` with either package's class accepts it."""
+    if _standalone(trainer):
+        return _standalone_inert_class()(optimizer)
+    return InertOptimizer(optimizer)
+
+
+def lightning_module_class(module: Any) -> type:
+    """The ``LightningModule`` base class of ``module``'s framework (``lightning.pytorch`` or the
+    standalone ``pytorch_lightning``): the class whose hooks are the do-nothing defaults."""
+    if _standalone(module):
+        import pytorch_lightning
+
+        return pytorch_lightning.LightningModule
+    return LightningModule
+
+
+def is_tensorboard_logger(logger: Any) -> bool:
+    """Whether ``logger`` is a TensorBoardLogger of either framework (or a subclass of one)."""
+    return isinstance(logger, TensorBoardLogger) or any(
+        cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__
+    )
 
 
 class SilentScheduler:
@@ -225,7 +275,7 @@ class StepReplica:
         # Whatever the replica's code (step or hooks) does to "its" optimizers and schedulers must not
         # reach the real ones: inert stand-ins by default, or what route_optimizers() says.
         self._optimizers: Callable[[], Any] = lambda: _one_or_list(
-            [InertOptimizer(o) for o in trainer.optimizers]
+            [inert_optimizer(o, trainer) for o in trainer.optimizers]
         )
         module.optimizers = lambda use_pl_optimizer=True: self._optimizers()
         module.lr_schedulers = lambda: _one_or_list(
@@ -288,7 +338,9 @@ class StepReplica:
         """Whether the module's class (or the instance) defines hook ``name`` itself."""
         if name in vars(self.module):
             return True
-        return getattr(type(self.module), name, None) is not getattr(LightningModule, name, None)
+        # Against the module's own framework: pytorch_lightning's defaults are other function objects.
+        base = lightning_module_class(self.module)
+        return getattr(type(self.module), name, None) is not getattr(base, name, None)
 
     def loss_fn(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """``loss_fn(model, batch)`` form for :class:`lightning_eos.curvature.HessianOperator`."""
@@ -386,7 +438,7 @@ def _log_rank_zero(trainer: Trainer, metrics: dict[str, float], step: int) -> No
 def add_custom_scalars(trainer: Trainer, layout: dict[str, dict[str, list[Any]]]) -> None:
     """Register a TensorBoard custom-scalars layout on every TensorBoardLogger (rank zero)."""
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if is_tensorboard_logger(logger):
             logger.experiment.add_custom_scalars(layout)
 
 

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_eos import plots
-from lightning_eos.callbacks._lightning import logging_step
+from lightning_eos.callbacks._lightning import is_tensorboard_logger, logging_step
 from lightning_eos.callbacks._validation import ArgCheck
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 from lightning_eos.callbacks.twin import TwinDivergence
@@ -210,7 +210,7 @@ class SpaceTimeMaps(Callback):
     # ------------------------------------------------------------------ drawing
     @staticmethod
     def _tensorboards(trainer: Trainer) -> list[TensorBoardLogger]:
-        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        return [lg for lg in trainer.loggers if is_tensorboard_logger(lg)]  # either framework's
 
     def collect(self, trainer: Trainer) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
         """``{map: {layer: (steps, values)}}`` from the histories of ``trainer.callbacks``."""
