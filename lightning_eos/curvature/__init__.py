@@ -3,7 +3,15 @@
 See ``docs/curvature.md``. No Lightning import anywhere in this package.
 """
 
-from .lanczos import DEFAULT_EIG_TOL, DEFAULT_TOL, EigenResult, eigsh, lanczos, power_iteration
+from .lanczos import (
+    DEFAULT_EIG_TOL,
+    DEFAULT_TOL,
+    EigenResult,
+    ExplorationSchedule,
+    eigsh,
+    lanczos,
+    power_iteration,
+)
 from .operator import (
     Batches,
     DiagonalScaledOperator,
@@ -36,6 +44,7 @@ __all__ = [
     "HessianBlockOperator",
     "HessianOperator",
     "PreconditionedOperator",
+    "ExplorationSchedule",
     "SymmetricOperator",
     "TraceEstimate",
     "batch_sharpness",

@@ -33,6 +33,39 @@ random part (:func:`_initial_block`), and a warm-started Lanczos run also waits 
 part has been explored (:func:`_explored`), so that an eigenvalue that overtook the old top one
 is found in the same solve (tested for overtakes of 2–30 %).
 
+``exploration`` chooses how much one warm solve checks (see :data:`EXPLORATIONS`). Both wait
+for the exploration; ``"full"`` (the default) also widens the exploration front by 4 residuals
+in the gap estimate (:func:`_front_widening`), which catches an overtaking eigenvalue hidden in
+a mixed front within the same solve; ``"light"`` estimates the gap as a cold solve does (every
+other Ritz value widened by 1 residual).
+
+Where the products go, measured on the digits edge-of-stability run (full-batch GD, MLP
+64-100-100-10, lr 0.3, 39 refreshes 10 steps apart, ``eig_tol=1e-4``, λ2/λ1 = 0.92–0.98;
+``benchmarks/warm_refresh.py``): the exploration wait is met after 4–5 products and never binds,
+the residual cap neither. The eigenvalue test does: the previous Ritz vector starts with a
+residual of 2–8 % of λ1 (10 steps of change), which then halves per product, and Kato–Temple
+needs ``r² ≤ eig_tol·θ·gap``. When every other Ritz value was widened by 4 residuals (the rule
+before ``exploration``), the bulk Ritz values (residuals of 10–40 % of their value) pushed the
+gap estimate below 0 on every refresh, so the bound stayed ``r`` and the solve ran until
+``r ≤ eig_tol·|θ|``: 12.2 products per refresh (cold 14.7). Widening only the front: 10.4
+(``"full"``); the cold rule: 7.5 (``"light"``). The floor of any single-vector warm refresh
+there: stopping at the first product where ``r²/(λ1 − λ2) ≤ eig_tol·θ`` with the *exact* gap
+and nothing else checked, 7.0. Keeping 2–5 previous Ritz vectors instead of 1 measured worse
+(8.8–13.1 with the cold rule: each costs a product before the top pair improves), and so did a
+linear extrapolation of the last two (8.9).
+
+What ``"light"`` gives up, measured on quadratics (``1, 0.95, 0.6, 0.5`` above a bulk, n =
+600–2000, k = 1, 2): a bulk eigenvalue that overtook the top by 2 % is missed by the first light
+refresh in 5 of 10 cases (``converged`` is then True for what it checked, the cold rule on the
+Krylov space it built) and found by the 2nd–4th refresh of the same operator; by 5 %: 1 miss in
+10, found by the 2nd; by 0.5–1 %: found by the 2nd–9th; a second eigenvalue overtaking by 2 %:
+found at once (10 of 10). ``"full"`` on the same kind of cases (50 overtakes of 2–30 %, 10 of
+1 %): 4 of the 50 missed by the first refresh and found by the 2nd–4th (the 4-residual-everywhere
+rule missed the same 4), 7 of the 10 at 1 % (that rule: 4), found by the 2nd–7th. So a caller
+refreshing a *sequence* of slowly changing operators runs light refreshes and a full one every
+few (:class:`ExplorationSchedule`; ``SharpnessMonitor``: every 4th, and after a light one whose
+value left its trend by more than 2 %: 8.3 products per refresh on the run above).
+
 Torch only: no Lightning import.
 """
 
@@ -49,7 +82,9 @@ from .operator import SymmetricOperator
 __all__ = [
     "DEFAULT_EIG_TOL",
     "DEFAULT_TOL",
+    "EXPLORATIONS",
     "EigenResult",
+    "ExplorationSchedule",
     "check_choices",
     "eigsh",
     "lanczos",
@@ -83,8 +118,13 @@ _WARM_DECAY = 0.5
 _WARM_FRONT_TOL = 0.1
 _WARM_MIN_EXTRA = 2
 _WARM_MAX_EXTRA = 8
-#: Warm starts: the gap estimate widens every other Ritz value by this many residuals (see _explored).
+#: Warm starts (full): the gap estimate widens the exploration front by this many residuals.
 _WARM_WIDEN = 4.0
+#: Values of ``exploration`` (warm starts, Lanczos): how much one warm solve checks before it stops.
+#: ``"full"``: the exploration wait and a gap widened by ``_WARM_WIDEN`` residuals; ``"light"``: the
+#: exploration wait and the cold solve's gap (1 residual), relying on a sequence of refreshes (and
+#: a full one now and then) for a small overtake. Cold solves ignore it.
+EXPLORATIONS = ("full", "light")
 
 _WHICH = ("largest", "smallest", "both")
 _METHODS = ("lanczos", "power")
@@ -137,13 +177,15 @@ class EigenResult:
         return float(self.eigenvalues[0])
 
 
-def check_choices(which: str, method: str) -> None:
-    """``ValueError`` unless ``which`` and ``method`` name a supported end and solver (cheap: callers
-    run it before building a costly operator)."""
+def check_choices(which: str, method: str, exploration: str = "full") -> None:
+    """``ValueError`` unless ``which``, ``method`` and ``exploration`` name a supported end, solver
+    and warm-start exploration (cheap: callers run it before building a costly operator)."""
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if exploration not in EXPLORATIONS:
+        raise ValueError(f"exploration must be one of {EXPLORATIONS}, got {exploration!r}")
 
 
 def wants(k: int, which: str) -> int:
@@ -244,7 +286,7 @@ def _assess(
     tol: float,
     eig_tol: float | None,
     dtype: torch.dtype,
-    widen: float = 1.0,
+    widen: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair ``converged`` flags and eigenvalue error bounds for the wanted Ritz pairs ``sel``.
 
@@ -255,7 +297,8 @@ def _assess(
         sel: indices of the wanted pairs.
         scale: ``||A||`` estimate (largest ``|θ|``), for the rounding floors.
         tol, eig_tol, dtype: residual cap, relative eigenvalue target, the operator's dtype.
-        widen: each other Ritz value counts as reaching ``widen`` of its residuals towards ``θ``.
+        widen: each other Ritz value counts as reaching ``widen`` of its residuals towards ``θ``: a
+            number, or one per Ritz value (shape ``(m,)``, same order as ``theta``).
 
     The residual cap is ``max(tol·|θ|, 10·eps·||A||)``: relative to each eigenvalue, with a floor at
     the operator's rounding level (``eps`` of its dtype) so that an eigenvalue that is zero to
@@ -308,11 +351,14 @@ def _explored(theta: torch.Tensor, res: torch.Tensor, k: int, which: str, p: int
     which must converge in turn; otherwise the front is the next eigenvalue down and bounds the gap.
     A front that looks resolved can still be a mixture with a small weight ``w`` on an eigenvalue
     above it, which lies ``r·sqrt((1 − w)/w)`` above the Ritz value (measured: ``w`` = 9 % on an
-    eigenvalue 2 % above the old top, front residual 2.5 % of its value); so for warm starts the
-    gap estimate widens the other Ritz values by 4 residuals (``w ≥ 6 %``), not 1. A front in the
-    bulk near 0 never resolves relatively: the run stops waiting 8 products beyond the warm vectors.
+    eigenvalue 2 % above the old top, front residual 2.5 % of its value); so a full warm solve's
+    gap estimate widens the front by 4 residuals (``w ≥ 6 %``), not 1 (:func:`_front_widening`).
+    A front in the bulk near 0 never resolves relatively: the run stops waiting 8 products beyond
+    the warm vectors.
 
-    Limits, measured on quadratics (``1, λ2, 0.6, 0.5`` above a bulk, n = 600–20000, k = 1, 2):
+    Limits, measured on quadratics (``1, λ2, 0.6, 0.5`` above a bulk, n = 600–20000, k = 1, 2)
+    with every other Ritz value widened by 4 residuals (the rule before front-only widening; the
+    module docstring has both rules on a second set of cases, where they miss the same ones):
     overtakes by 2–30 % were found in the same solve in 355 of 356 cases. The miss is the hardest
     kind, ``k = 2`` with an eigenvalue 2 % above *both* warm ones (exploration right next to the warm
     eigenvalues is slow; 2 of 4 seeds miss it), found by the 5th refresh of the same operator: each
@@ -333,6 +379,92 @@ def _explored(theta: torch.Tensor, res: torch.Tensor, k: int, which: str, p: int
     if which in ("smallest", "both"):
         fronts.append(bottom)
     return all(float(res[i]) <= _WARM_FRONT_TOL * abs(float(theta[i])) for i in fronts)
+
+
+class ExplorationSchedule:
+    """Which ``exploration`` each warm refresh of a *sequence* of solves runs (one per ``key``).
+
+    A light refresh (see :data:`EXPLORATIONS`) can miss an eigenvalue that has just overtaken the
+    old top one by a few per cent; the refreshes after it carry more of it. This schedule bounds
+    how long such a miss can last: a full refresh runs when the sequence starts, after
+    ``full_every − 1`` light ones in a row, and right after a light one whose top value left its
+    linear trend (the last two values) by more than ``max_jump`` of its size (the operator is then
+    changing fast: an eigenvector rotation or an overtake that just surfaced). Cold solves count as
+    full (their random start is explored by construction).
+
+    Args:
+        full_every: at least every this many refreshes of a key is a full one (1: all full).
+        max_jump: relative deviation from the linear trend that makes the next refresh full.
+
+    State (:meth:`state_dict`) is plain numbers, for checkpoints.
+    """
+
+    def __init__(self, full_every: int = 4, max_jump: float = 0.02) -> None:
+        if not isinstance(full_every, int) or isinstance(full_every, bool) or full_every < 1:
+            raise ValueError(f"full_every must be an integer >= 1, got {full_every!r}")
+        if not (max_jump > 0 and math.isfinite(max_jump)):
+            raise ValueError(f"max_jump must be a positive finite number, got {max_jump!r}")
+        self.full_every = full_every
+        self.max_jump = float(max_jump)
+        # key -> [light refreshes since the last full one (or -1: the next one is full), the last
+        # top value, the one before it]
+        self._state: dict[str, list[float]] = {}
+
+    def next(self, key: str) -> str:
+        """The exploration of ``key``'s next warm refresh: ``"full"`` or ``"light"``."""
+        state = self._state.get(key)
+        if state is None or state[0] < 0 or state[0] >= self.full_every - 1:
+            return "full"
+        return "light"
+
+    def observe(self, key: str, exploration: str, value: float) -> None:
+        """Record a finished solve of ``key``: its exploration (``"cold"`` counts as full) and top
+        eigenvalue. A non-finite value restarts the sequence (the next refresh is full)."""
+        if not math.isfinite(value):
+            self._state.pop(key, None)
+            return
+        prev_count, last, before = self._state.get(key, [0.0, math.nan, math.nan])
+        count = max(prev_count, 0.0) + 1 if exploration == "light" else 0.0
+        if exploration == "light" and math.isfinite(before):
+            trend = 2 * last - before  # where the value would be if it moved as it did last time
+            if abs(value - trend) > self.max_jump * abs(last):
+                count = -1.0
+        self._state[key] = [count, float(value), last]
+
+    def forget(self, key: str) -> None:
+        """Drop ``key`` (its next solve is cold or full)."""
+        self._state.pop(key, None)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        """Per-key ``[light count, last value, value before]`` (plain floats)."""
+        return {k: list(v) for k, v in self._state.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._state = {str(k): [float(x) for x in v] for k, v in state.items()}
+
+
+def _front_widening(m: int, k: int, which: str, p: int) -> torch.Tensor:
+    """Per-Ritz-value widening of a full warm solve's gap estimate (ascending Ritz order, ``(m,)``):
+    ``_WARM_WIDEN`` for the exploration front and the pairs between it and the wanted ones at each
+    wanted end (see :func:`_explored`), 1 elsewhere.
+
+    Why only there: a hidden overtaking eigenvalue enters a warm Krylov space through the random
+    part's leading Ritz pair, the front, which a mixture with it pulls up towards the top first.
+    The bulk Ritz values below the front keep residuals of 10–40 % of their value for many
+    products; widening those 4× as well drove the gap estimate below 0 on every refresh of the
+    digits edge-of-stability run, so that only the residual-only bound ``r`` was left (12.2
+    products per full refresh there; 10.4 with front-only widening, overtakes of 2–30 % still
+    found in the same solve: the tests).
+    """
+    w = torch.ones(m, dtype=torch.float64)
+    top = max(p if which != "both" else (p + 1) // 2, k)
+    bottom = max(p if which != "both" else p // 2, k)
+    if which in ("largest", "both"):
+        w[max(m - 1 - top, 0) :] = _WARM_WIDEN
+    if which in ("smallest", "both"):
+        w[: min(bottom + 1, m)] = _WARM_WIDEN
+    return w
 
 
 def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -416,6 +548,7 @@ def lanczos(
     block_size: int = 1,
     eig_tol: float | None = DEFAULT_EIG_TOL,
     start_vectors: torch.Tensor | None = None,
+    exploration: str = "full",
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full re-orthogonalization.
 
@@ -441,11 +574,15 @@ def lanczos(
             eigenvalue that overtook the old top one is still found. Validated: a real floating
             tensor of that shape, finite, not all zero (``ValueError`` otherwise); dependent columns
             are dropped. ``None``: random (cold) start.
+        exploration: with ``start_vectors``, ``"full"`` (default) or ``"light"``: the gap estimate of
+            the eigenvalue test widens the other Ritz values by 4 residuals or, as a cold solve does,
+            by 1 (see the module docstring for what each checks and costs). Ignored when cold.
 
     A product with a NaN/inf ends the iteration at once: NaN eigenvalues, ``converged`` all False
     and a ``RuntimeWarning``. Reaching ``max_iter`` unconverged also warns. Memory: ``dim × max_iter``
     float64 numbers for the basis.
     """
+    check_choices(which, "lanczos", exploration)
     n_want = _validate(operator, k, which, tol, eig_tol)
     n = operator.dim
     m_max = min(n, DEFAULT_MAX_ITER if max_iter is None else int(max_iter))
@@ -521,7 +658,9 @@ def lanczos(
         res = torch.sqrt(asym.square() + tail.square())
         if m >= n_want:
             sel = _select(theta, k, which)
-            widen = 1.0 if warm is None else _WARM_WIDEN
+            widen = (
+                1.0 if warm is None or exploration == "light" else _front_widening(m, k, which, warm.shape[1])
+            )
             conv, bounds = _assess(theta, res, asym, sel, scale, tol, eig_tol, operator.dtype, widen)
             explored = warm is None or m == n or _explored(theta, res, k, which, warm.shape[1])
             if bool(conv.all()) and explored:
@@ -715,12 +854,14 @@ def eigsh(
     block_size: int = 1,
     eig_tol: float | None = DEFAULT_EIG_TOL,
     start_vectors: torch.Tensor | None = None,
+    exploration: str = "full",
 ) -> EigenResult:
     """Dispatch to :func:`lanczos` (``method="lanczos"``) or :func:`power_iteration` (``"power"``;
-    ``block_size`` applies to Lanczos only: power iteration already iterates ``k`` vectors).
+    ``block_size`` and ``exploration`` apply to Lanczos only: power iteration already iterates
+    ``k`` vectors, and its iterate carries every component, so it has no exploration to skip).
     ``tol`` (residual cap), ``eig_tol`` (relative eigenvalue accuracy) and ``start_vectors`` (warm
     start, shape ``(dim,)`` or ``(dim, p)``) mean the same for both."""
-    check_choices(which, method)
+    check_choices(which, method, exploration)
     kw = {
         "k": k,
         "which": which,
@@ -731,5 +872,11 @@ def eigsh(
         "start_vectors": start_vectors,
     }
     if method == "lanczos":
-        return lanczos(operator, return_eigenvectors=return_eigenvectors, block_size=block_size, **kw)
+        return lanczos(
+            operator,
+            return_eigenvectors=return_eigenvectors,
+            block_size=block_size,
+            exploration=exploration,
+            **kw,
+        )
     return power_iteration(operator, return_eigenvectors=return_eigenvectors, **kw)

@@ -62,9 +62,10 @@ class _Solve:
     block_size: int
     eig_tol: float | None = DEFAULT_EIG_TOL
     start_vectors: torch.Tensor | None = None
+    exploration: str = "full"
 
     def __post_init__(self) -> None:
-        check_choices(self.which, self.method)
+        check_choices(self.which, self.method, self.exploration)
 
     def fits(self, dim: int) -> bool:
         """Whether an operator of size ``dim`` has room for the request (``k < dim``, ``2k <= dim``)."""
@@ -103,6 +104,7 @@ def hessian_eigenvalues(
     hvp: str = "auto",
     eig_tol: float | None = DEFAULT_EIG_TOL,
     start_vectors: torch.Tensor | None = None,
+    exploration: str = "full",
 ) -> EigenResult:
     """Extreme eigenvalues of the Hessian of the sample-weighted mean loss over ``batches``.
 
@@ -112,12 +114,23 @@ def hessian_eigenvalues(
     ``backend``, ``max_cached_batches``, ``hvp``) are those of
     :class:`~lightning_eos.curvature.operator.HessianOperator`; solver arguments (``tol``,
     ``max_iter``, ``seed`` for the start vector and the dropout masks, ``eig_tol`` the target
-    relative eigenvalue error, ``start_vectors`` a previous solve's Ritz vectors to warm-start from)
-    those of :func:`~lightning_eos.curvature.lanczos.lanczos` (``block_size`` > 1 for exactly
-    repeated eigenvalues).
+    relative eigenvalue error, ``start_vectors`` a previous solve's Ritz vectors to warm-start from,
+    ``exploration`` how much a warm solve checks) those of
+    :func:`~lightning_eos.curvature.lanczos.lanczos` (``block_size`` > 1 for exactly repeated
+    eigenvalues).
     """
     solve = _Solve(
-        k, which, method, tol, max_iter, seed, return_eigenvectors, block_size, eig_tol, start_vectors
+        k,
+        which,
+        method,
+        tol,
+        max_iter,
+        seed,
+        return_eigenvectors,
+        block_size,
+        eig_tol,
+        start_vectors,
+        exploration,
     )
     op = HessianOperator(
         model,
@@ -211,6 +224,7 @@ def layerwise_eigenvalues(
     hvp: str = "auto",
     eig_tol: float | None = DEFAULT_EIG_TOL,
     start_vectors: Mapping[str, torch.Tensor] | None = None,
+    exploration: str = "full",
 ) -> dict[str, EigenResult]:
     """Per-layer diagonal-block spectra ``{layer path: EigenResult}`` (see :func:`layer_blocks`).
 
@@ -218,9 +232,12 @@ def layerwise_eigenvalues(
     block's products only backpropagate into its own parameters). Layers too small for ``k``
     (``k >= dim``, or ``2k > dim`` for ``"both"``) are skipped. ``layers`` restricts the sweep.
     ``hvp``: see :class:`~lightning_eos.curvature.operator.HessianOperator`; ``start_vectors``:
-    ``{layer: previous Ritz vectors}`` to warm-start each block's solve.
+    ``{layer: previous Ritz vectors}`` to warm-start each block's solve (``exploration`` as for
+    :func:`~lightning_eos.curvature.lanczos.lanczos`).
     """
-    solve = _Solve(k, which, method, tol, max_iter, seed, return_eigenvectors, block_size, eig_tol)
+    solve = _Solve(
+        k, which, method, tol, max_iter, seed, return_eigenvectors, block_size, eig_tol, None, exploration
+    )
     warm = dict(start_vectors or {})
     blocks = layer_blocks(model)
     if layers is not None:
@@ -274,15 +291,27 @@ def preconditioned_sharpness(
     hvp: str = "auto",
     eig_tol: float | None = DEFAULT_EIG_TOL,
     start_vectors: torch.Tensor | None = None,
+    exploration: str = "full",
 ) -> EigenResult:
     """Eigenvalues of ``P^{-1/2} H P^{-1/2}`` with ``P`` read from ``optimizer`` by
     :func:`lightning_eos.bounds.optimizer_preconditioner` (re-exported here): the preconditioned
     sharpness of Cohen et al. 2022, to compare with ``2/lr`` (Adam: ``(2 + 2β1)/((1 − β1)·lr)``).
     Eigenvectors, if requested, are those of the symmetric form (map back with ``P^{-1/2}``); they
-    are what ``start_vectors`` takes to warm-start the next solve.
+    are what ``start_vectors`` takes to warm-start the next solve (``exploration`` as for
+    :func:`~lightning_eos.curvature.lanczos.lanczos`).
     """
     solve = _Solve(
-        k, which, method, tol, max_iter, seed, return_eigenvectors, block_size, eig_tol, start_vectors
+        k,
+        which,
+        method,
+        tol,
+        max_iter,
+        seed,
+        return_eigenvectors,
+        block_size,
+        eig_tol,
+        start_vectors,
+        exploration,
     )
     op = HessianOperator(
         model,

@@ -415,3 +415,4 @@ def test_warm_starts_give_the_cold_eigenvalue_in_fewer_products_and_resume(tmp_p
     again = SharpnessMonitor(every_n_steps=5, probe_size=256, batch_sharpness=False)
     again.load_state_dict(torch.load(path, weights_only=True))
     assert set(again._warm) == {"top"} and torch.equal(again._warm["top"], warm._warm["top"].cpu())
+    assert again._refresh.state_dict() == warm._refresh.state_dict()  # light/full sequence resumes

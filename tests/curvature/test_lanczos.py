@@ -10,10 +10,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_eos.curvature import DEFAULT_TOL, FunctionOperator, eigsh, lanczos, power_iteration
+from lightning_eos.curvature import (
+    DEFAULT_TOL,
+    ExplorationSchedule,
+    FunctionOperator,
+    eigsh,
+    hessian_eigenvalues,
+    lanczos,
+    power_iteration,
+)
 from lightning_eos.curvature.lanczos import DEFAULT_EIG_TOL
 
-from ._helpers import quadratic
+from ._helpers import ce, data, mlp, quadratic
 
 
 def _true_residuals(a: torch.Tensor, vals: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
@@ -619,3 +627,123 @@ def test_start_vectors_validation(method: str) -> None:
             eigsh(op, method=method, start_vectors=start)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=msg):
             eigsh(op, method=method, start_vectors=start)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# Light refreshes (exploration="light") and the refresh schedule
+# ------------------------------------------------------------------------------------------------
+
+
+def _wide_bulk(n: int, seed: int = 0) -> torch.Tensor:
+    """Spectrum ``1, 0.95, 0.88, 0.6`` above a bulk ``0.8·U³`` reaching up to the top (as a trained
+    net's Hessian does), float64."""
+    g = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(n - 4, generator=g, dtype=torch.float64) ** 3 * 0.8
+    return torch.cat([torch.tensor([1.0, 0.95, 0.88, 0.6], dtype=torch.float64), bulk])
+
+
+@pytest.mark.parametrize(
+    ("spectrum", "eps", "cheaper"),
+    [("hessian_like", 1e-3, False), ("hessian_like", 1e-2, False), ("wide_bulk", 3e-2, True)],
+)
+def test_light_refresh_is_as_accurate_and_no_dearer_than_a_full_one(
+    spectrum: str, eps: float, cheaper: bool
+) -> None:
+    # A + εE at the monitor's eig_tol: both refreshes meet it against the exact eigenvalue, within
+    # their own bound. The light one (the cold solve's gap rule) stops no later; with a bulk that
+    # reaches up to the top (large bulk residuals, which the full rule widens 4×) it stops earlier.
+    lam = _hessian_like(500, 0.95, seed=10) if spectrum == "hessian_like" else _wide_bulk(500)
+    _, a = quadratic(lam, seed=10)
+    b = a + eps * _perturbation(500, seed=11)
+    truth = float(torch.linalg.eigvalsh(b)[-1])
+    kw = {"eig_tol": 1e-4, "tol": 1e-2}
+    prev = lanczos(_dense(a), return_eigenvectors=True, **kw).eigenvectors
+    full = lanczos(_dense(b), start_vectors=prev, **kw)
+    light = lanczos(_dense(b), start_vectors=prev, exploration="light", **kw)
+    for res in (full, light):
+        assert bool(res.converged.all())
+        assert abs(res.max - truth) <= 1e-4 * truth
+        assert abs(res.max - truth) <= float(res.error_bounds[0])
+    assert light.num_hvps <= full.num_hvps, (light.num_hvps, full.num_hvps)
+    if cheaper:
+        assert light.num_hvps < full.num_hvps, (light.num_hvps, full.num_hvps)
+    # A cold solve ignores it: the same run either way.
+    cold = lanczos(_dense(b), exploration="light", **kw)
+    assert torch.equal(cold.eigenvalues, lanczos(_dense(b), **kw).eigenvalues)
+
+
+def test_light_refreshes_find_an_overtake_within_the_schedule() -> None:
+    # A bulk eigenvalue has overtaken the old top by 2 % (the old top vector is still an exact
+    # eigenvector, eigenvalue 1). The first light refresh checks only what a cold solve would and
+    # misses it (converged=True, 2 % off: the scope of "light"); the sequence the schedule runs
+    # (light, light, light, full) finds it, at the latest on the full refresh, to eig_tol.
+    lam = _hessian_like(600, 0.95, seed=12)
+    _, a = quadratic(lam, seed=12)
+    lam2 = lam.clone()
+    lam2[10] = 1.02
+    op2, _ = quadratic(lam2, seed=12)
+    schedule = ExplorationSchedule(full_every=4)
+    first = lanczos(_dense(a), return_eigenvectors=True)
+    schedule.observe("top", "cold", first.max)
+    prev, kinds, found = first.eigenvectors, [], None
+    for refresh in range(4):
+        kind = schedule.next("top")
+        res = lanczos(op2, start_vectors=prev, exploration=kind, return_eigenvectors=True)
+        schedule.observe("top", kind, res.max)
+        kinds.append(kind)
+        prev = res.eigenvectors
+        if refresh == 0:
+            assert kind == "light" and bool(res.converged.all()) and abs(res.max - 1.0) < 1e-6
+        if abs(res.max - 1.02) <= DEFAULT_EIG_TOL * 1.02:
+            found = refresh
+            break
+    assert found is not None, kinds
+    assert bool(res.converged.all())
+    # and a full refresh from the stale vector finds it in one solve (the existing guarantee)
+    full = lanczos(op2, start_vectors=first.eigenvectors, exploration="full")
+    assert abs(full.max - 1.02) <= DEFAULT_EIG_TOL * 1.02
+
+
+def test_refresh_schedule_rules() -> None:
+    s = ExplorationSchedule(full_every=3, max_jump=0.02)
+    assert s.next("top") == "full"  # nothing seen yet
+    s.observe("top", "cold", 1.0)
+    assert s.next("top") == "light"
+    s.observe("top", "light", 1.1)  # no trend yet (one value before): no jump test
+    assert s.next("top") == "light"
+    s.observe("top", "light", 1.2)  # on the trend 1.0, 1.1 -> 1.2
+    assert s.next("top") == "full"  # 2 light in a row: the 3rd refresh is full
+    s.observe("top", "full", 1.3)
+    assert s.next("top") == "light"
+    s.observe("top", "light", 1.4 + 0.021 * 1.3)  # 2.1 % of the last value off the trend 1.4
+    assert s.next("top") == "full"
+    near = ExplorationSchedule(full_every=10, max_jump=0.02)
+    for kind, value in (("cold", 1.0), ("light", 1.1), ("light", 1.2 + 0.019 * 1.1)):
+        near.observe("top", kind, value)
+    assert near.next("top") == "light"  # 1.9 % off the trend: still light
+    s.observe("top", "full", 1.5)
+    # a round trip through plain numbers, other keys independent, non-finite values restart
+    again = ExplorationSchedule(full_every=3, max_jump=0.02)
+    again.load_state_dict(s.state_dict())
+    assert again.state_dict() == s.state_dict() and again.next("top") == "light"
+    assert again.next("low") == "full"
+    again.observe("top", "light", float("nan"))
+    assert again.next("top") == "full"
+    s.forget("top")
+    assert s.next("top") == "full"
+    assert ExplorationSchedule(full_every=1).next("x") == "full"
+    one = ExplorationSchedule(full_every=1)
+    one.observe("x", "cold", 1.0)
+    assert one.next("x") == "full"
+    for bad in ({"full_every": 0}, {"full_every": 2.0}, {"max_jump": 0.0}, {"max_jump": float("inf")}):
+        with pytest.raises(ValueError):
+            ExplorationSchedule(**bad)  # type: ignore[arg-type]
+
+
+def test_exploration_validation() -> None:
+    op, _ = quadratic(torch.arange(1.0, 7.0))
+    for fn in (lanczos, eigsh):
+        with pytest.raises(ValueError, match="exploration"):
+            fn(op, exploration="none")
+    with pytest.raises(ValueError, match="exploration"):  # before any operator is built
+        hessian_eigenvalues(mlp(), ce, data(8), exploration="none")
