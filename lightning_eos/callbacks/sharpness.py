@@ -59,6 +59,11 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 _STATE_VERSION = 1
 
 
+def _engine_exploration(explore: str) -> str:
+    """The engine's ``exploration`` for a schedule choice (a cold solve ignores it)."""
+    return "light" if explore == "light" else "full"
+
+
 class SharpnessMonitor(Callback):
     r"""Log the sharpness of the training loss against the optimizer's critical sharpness.
 
@@ -70,7 +75,10 @@ class SharpnessMonitor(Callback):
             times its measurements and the training between them and measures at the first step
             where the share since training started stays within it (:mod:`lightning_eos.budget`;
             the first measurement too, from a cost model). Logged as ``eos/overhead``. Under DDP
-            rank zero's timings decide for every rank.
+            rank zero's timings decide for every rank. Wall time is not reproducible, so neither
+            are the measured steps. On resume the accounting goes on from the checkpoint: the
+            seconds trained and measured before it still count, the time in between does not, and
+            the planned next step is kept (counted in steps since training started).
         probe: ``"fixed"``: ``probe_size`` samples drawn once (seeded, without replacement) from the
             map-style train dataset at the start of training, collated with the loader's
             ``collate_fn`` and kept on the device; ``"current"``: the current training batch.
@@ -90,8 +98,9 @@ class SharpnessMonitor(Callback):
         tol: relative residual cap of the eigen-solver (``None``: ``sqrt(eig_tol)``).
         eig_tol: target relative error of the eigenvalues: the solver stops when its Kato–Temple
             bound, residual²/gap, says the eigenvalue is this accurate. 1e-4 is ample for a
-            stability ratio and, measured on the digits edge-of-stability run, costs 15 products
-            per cold solve and 12 warm where 1e-6 costs 19 and 15 (the engine's own default).
+            stability ratio and, measured on the digits edge-of-stability run
+            (``benchmarks/warm_refresh.py``), costs 14.7 products per cold solve and 8.3 warm
+            where 1e-6 (the engine's own default) costs 18.5 and 11.8.
         max_iter: maximum Hessian-vector products per eigen-solve.
         mode: ``"train"`` measures the loss as trained (dropout on, BatchNorm batch statistics);
             ``"eval"`` with the module in eval mode.
@@ -114,7 +123,11 @@ class SharpnessMonitor(Callback):
 
         warm_start: start each solve from the previous measurement's Ritz vectors (kept in the
             callback's state and checkpoint), so a refresh at a slowly changing Hessian costs fewer
-            products than a cold solve.
+            products than a cold solve. Refreshes are light (the cold solve's gap rule) with a full
+            one every 4th and after a value that left its trend by 2 %
+            (:class:`lightning_eos.curvature.ExplorationSchedule`): an eigenvalue that overtook the old
+            top one by a few per cent can be missed by one light refresh (``converged`` says what
+            was checked) and is found within the next few.
         strict: re-raise an unexpected error inside a per-step hook instead of reporting it once and
             stepping aside for the rest of the run (the default: training goes on unchanged).
 
@@ -207,6 +220,9 @@ class SharpnessMonitor(Callback):
         # Ritz vectors of the previous measurement per solve ("top", "low", "layer/<name>"), in the
         # parameters' dtype on their device: the next solve starts from them (resumable).
         self._warm: dict[str, torch.Tensor] = {}
+        # Light warm refreshes, with a full one every 4th and after a jump (resumable); see
+        # curvature.ExplorationSchedule for why and what each checks.
+        self._refresh = curvature.ExplorationSchedule()
 
         self.history: list[SharpnessRecord] = []
         self._probe = FixedProbe("SharpnessMonitor", probe_size, probe_batch_size, seed)
@@ -339,6 +355,7 @@ class SharpnessMonitor(Callback):
             "warned": self._warned,
             "schedule": self._schedule.state_dict(),
             "warm": {k: v.detach().cpu().clone() for k, v in self._warm.items()},
+            "refresh": self._refresh.state_dict(),
         }
 
     @override
@@ -353,6 +370,7 @@ class SharpnessMonitor(Callback):
         if state_dict.get("schedule") is not None:
             self._schedule.load_state_dict(state_dict["schedule"])
         self._warm = {str(k): torch.as_tensor(v) for k, v in (state_dict.get("warm") or {}).items()}
+        self._refresh.load_state_dict(state_dict.get("refresh") or {})
 
     # ------------------------------------------------------------------ schedule
     def _due(self, trainer: Trainer) -> bool:
@@ -459,31 +477,37 @@ class SharpnessMonitor(Callback):
 
             if not probe_loss_is_finite(*fresh(), batches, reduce, self.mode):
                 return self._nan_record(trainer, "probe loss")
+            explore = self._exploration("top")
+            top_kw: dict[str, Any] = dict(
+                start_vectors=self._warm.get("top"), exploration=_engine_exploration(explore)
+            )
             if self._use_preconditioned:
                 res = curvature.preconditioned_sharpness(
-                    *fresh(), batches, optimizer, k=self.k, start_vectors=self._warm.get("top"), **solver_kw
+                    *fresh(), batches, optimizer, k=self.k, **top_kw, **solver_kw
                 )
             else:
                 which = "both" if self.which == "both" else "largest"
                 res = curvature.hessian_eigenvalues(
-                    *fresh(), batches, k=self.k, which=which, start_vectors=self._warm.get("top"), **solver_kw
+                    *fresh(), batches, k=self.k, which=which, **top_kw, **solver_kw
                 )
-            self._keep_warm("top", res, params)
+            self._keep_warm("top", res, params, explore)
             hvps = int(res.num_hvps)
             eig = [float(v) for v in res.eigenvalues]
             converged = bool(torch.as_tensor(res.converged).all())
             lam_min = float("nan")
             if self.which == "both":
                 if self._use_preconditioned:
+                    explore = self._exploration("low")
                     low = curvature.hessian_eigenvalues(
                         *fresh(),
                         batches,
                         k=1,
                         which="smallest",
                         start_vectors=self._warm.get("low"),
+                        exploration=_engine_exploration(explore),
                         **solver_kw,
                     )
-                    self._keep_warm("low", low, params)
+                    self._keep_warm("low", low, params, explore)
                     hvps += int(low.num_hvps)
                     converged = converged and bool(torch.as_tensor(low.converged).all())
                     lam_min = float(low.eigenvalues[-1])
@@ -497,13 +521,22 @@ class SharpnessMonitor(Callback):
                 kw = {k: v for k, v in solver_kw.items() if k != "params"}
                 names = list(layers(model, params))
                 warm = {n: self._warm[f"layer/{n}"] for n in names if f"layer/{n}" in self._warm}
+                # One exploration for all blocks: light only when every block's sequence allows it.
+                explore = self._exploration(*(f"layer/{n}" for n in names))
                 blocks = curvature.layerwise_eigenvalues(
-                    model, loss_fn, batches, k=1, layers=names, start_vectors=warm, **kw
+                    model,
+                    loss_fn,
+                    batches,
+                    k=1,
+                    layers=names,
+                    start_vectors=warm,
+                    exploration=_engine_exploration(explore),
+                    **kw,
                 )
                 for name, block in blocks.items():
                     layer_values[name] = float(block.eigenvalues[0])
                     hvps += int(block.num_hvps)
-                    self._keep_warm(f"layer/{name}", block, params)
+                    self._keep_warm(f"layer/{name}", block, params, explore)
             batch_value = float("nan")
             if self.batch_sharpness:
                 if self.probe == "current" or probe_loss_is_finite(*fresh(), [batch], reduce, self.mode):
@@ -563,12 +596,25 @@ class SharpnessMonitor(Callback):
             **values,
         )
 
-    def _keep_warm(self, key: str, result: curvature.EigenResult, params: list[torch.nn.Parameter]) -> None:
-        """Keep a solve's Ritz vectors (in the parameters' dtype) to warm-start its next solve."""
+    def _exploration(self, *keys: str) -> str:
+        """``"cold"`` unless every key has warm vectors; else the refresh schedule's choice
+        (``"light"`` only if it allows a light refresh for every key)."""
+        if not self.warm_start or any(key not in self._warm for key in keys):
+            return "cold"
+        return "light" if all(self._refresh.next(key) == "light" for key in keys) else "full"
+
+    def _keep_warm(
+        self, key: str, result: curvature.EigenResult, params: list[torch.nn.Parameter], explore: str
+    ) -> None:
+        """Keep a solve's Ritz vectors (in the parameters' dtype) to warm-start its next solve, and
+        record it (``explore``: ``"cold"``, ``"full"`` or ``"light"``) in the refresh schedule."""
         vectors = result.eigenvectors
+        value = float(result.eigenvalues[0]) if result.eigenvalues.numel() else float("nan")
         if vectors is None or not bool(torch.isfinite(vectors).all()):
             self._warm.pop(key, None)  # a non-finite solve: the next one starts cold
+            self._refresh.forget(key)
             return
+        self._refresh.observe(key, explore, value)
         self._warm[key] = vectors.to(params[0].dtype if params[0].is_floating_point() else torch.float32)
 
     def _loss(self, replica: StepReplica) -> LossFn:
