@@ -38,19 +38,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_eos.callbacks._lightning import (
-    InertOptimizer,
     OptimizerStepTracker,
     StepReplica,
     allreduce_sum,
     check_supported_strategy,
     extract_loss,
     guarded,
+    inert_optimizer,
     log_metrics,
     logging_step,
     merge_custom_scalars,
@@ -86,10 +85,28 @@ def _at_global_step(module: pl.LightningModule, step: int) -> Iterator[None]:
         view.pop("global_step", None)
 
 
+def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+    """Whether ``flag`` holds on any data-parallel rank (one all-reduce; the flag itself in one process).
+
+    For decisions made from rank-local values (the twin's loss on this rank's batch, a validation
+    batch a ``predict_fn`` failed on): a rank that froze the twin, or skipped a metric's sync, alone
+    would leave the others waiting in their next collective.
+    """
+    reduce = allreduce_sum(trainer)
+    if reduce is None:
+        return bool(flag)
+    device = trainer.strategy.root_device
+    return bool(reduce(torch.tensor([float(flag)], dtype=torch.float64, device=device)).item() > 0)
+
+
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
-    """The real run's ``GradScaler`` (``precision="16-mixed"``), or None."""
-    plugin = trainer.precision_plugin
-    return plugin.scaler if isinstance(plugin, MixedPrecision) else None
+    """The real run's ``GradScaler`` (``precision="16-mixed"``), or None.
+
+    Read by attribute: the standalone ``pytorch_lightning`` package's ``MixedPrecision`` is another
+    class than ``lightning.pytorch``'s, and its fp16 scaler must be cloned all the same.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)  # None under bf16 and 32-true
+    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
 
 
 class TwinDivergence(Callback):
@@ -214,6 +231,11 @@ class TwinDivergence(Callback):
 
     # ------------------------------------------------------------------------------ set up
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # As early as the other callbacks: before a strategy's own set-up checks of the module.
+        check_supported_strategy(trainer, "TwinDivergence")
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported_strategy(trainer, "TwinDivergence")
         if not pl_module.automatic_optimization:
@@ -249,10 +271,7 @@ class TwinDivergence(Callback):
             self.engine.load_state_dict(self._pending["engine"], load_optimizer=False)
             self.validation_history = list(self._pending.get("validation_history", []))
         else:
-            self.engine.start()
-            self.engine.record(
-                trainer.global_step, log_step=logging_step(trainer), epoch=trainer.current_epoch
-            )
+            self.engine.start()  # first record in on_train_start, at the step training starts from
             self.validation_history = []  # a new twin: its history starts over with the engine's
         self._install_optimizer_views(trainer)
         # The replica is a copy of the module made before the module's own on_fit_start runs.
@@ -281,7 +300,9 @@ class TwinDivergence(Callback):
         real schedule through the applied hyper-parameters)."""
         assert self._replica is not None and self.engine is not None
         engine = self.engine
-        self._replica.route_optimizers(lambda: engine.optimizer or InertOptimizer(trainer.optimizers[0]))
+        self._replica.route_optimizers(
+            lambda: engine.optimizer or inert_optimizer(trainer.optimizers[0], trainer)
+        )
 
     def _forward(self, name: str, *args: Any) -> None:
         """Call the twin replica's own LightningModule hook ``name`` (logging silenced).
@@ -303,6 +324,10 @@ class TwinDivergence(Callback):
         engine = self.engine
         assert engine is not None
         saved = self._pending["engine"] if self._pending is not None else {}
+        if self._pending is None:
+            # A new twin: record its start here, not in on_fit_start, since a resumed run's step
+            # count (and epoch) is restored in between: this record is at the resume point, not step 0.
+            engine.record(trainer.global_step, log_step=logging_step(trainer), epoch=trainer.current_epoch)
         engine.attach_optimizer(trainer.optimizers[0])
         if saved.get("optimizer") is not None:
             assert engine.optimizer is not None
@@ -464,7 +489,7 @@ class TwinDivergence(Callback):
         engine = self.engine
         assert engine is not None
         r = engine.record(trainer.global_step, log_step=logging_step(trainer), epoch=trainer.current_epoch)
-        if r.nonfinite:
+        if _any_rank(trainer, r.nonfinite):
             action = "re-synced to the real model" if self.resync_on_nonfinite else "frozen"
             rank_zero_warn(
                 f"TwinDivergence: the twin's loss or weights became non-finite at twin step "
@@ -589,11 +614,14 @@ class TwinDivergence(Callback):
             return
         self._forward_val("on_validation_epoch_end")
         disagree, loss_real, loss_twin = self._val_metrics
-        # compute() syncs across ranks (a collective): every rank gets here with the same updates.
+        # compute() syncs across ranks (a collective): every rank must call the same ones, so the
+        # rank-local reasons to skip one (the default predict_fn failed, no loss) are agreed first.
+        self._predict_failed = _any_rank(trainer, self._predict_failed)
+        has_loss = _any_rank(trainer, loss_real.update_count > 0)
         metrics: dict[str, float] = {}
         if not self._predict_failed:
             metrics[f"{self.log_prefix}/val_disagreement"] = float(disagree.compute())
-        if loss_real.update_count > 0:
+        if has_loss:
             metrics[f"{self.log_prefix}/val_loss_gap"] = abs(
                 float(loss_twin.compute()) - float(loss_real.compute())
             )

@@ -1,16 +1,26 @@
 """Faults inside a callback never stop training: reported once, the callback steps aside, the run is
-bitwise the run without it; ``strict=True`` re-raises."""
+bitwise the run without it; ``strict=True`` re-raises. Under DDP a fault only one rank sees (a NaN in
+its probe shard, a validation batch the default ``predict_fn`` cannot read) leads every rank to the
+same decision, with an uneven last batch, and the weights are those of the run without callbacks."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import warnings
+from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eos.callbacks import SharpnessMonitor, StabilityMonitor, TwinDivergence
+from lightning_eos.callbacks import AdaptiveLocalLR, SharpnessMonitor, StabilityMonitor, TwinDivergence
 from lightning_eos.demos.digits import DigitsDataModule, DigitsMLP
-from tests.callbacks._helpers import make_trainer, quiet_fit
+from tests.callbacks._helpers import MemoryLogger, fit_ddp_spawn, free_port, make_trainer, quiet_fit
 
 
 def _plain_weights() -> list[torch.Tensor]:
@@ -78,3 +88,172 @@ def test_strict_re_raises(name: str) -> None:
     trainer = make_trainer(max_steps=6, callbacks=[callback])
     with pytest.raises(RuntimeError, match="a bug inside"):
         quiet_fit(trainer, DigitsMLP(lr=0.1, hidden=16), DigitsDataModule(128, batch_size=32))
+
+
+# --------------------------------------------------------------------------------------- DDP faults
+
+
+class ShardedNet(pl.LightningModule):
+    """Linear-BN-ReLU-Dropout-Linear on 40 samples; each of 2 ranks trains on its 18 of the first 36
+    (batches of 4: an uneven last batch of 2). Sample 39 holds a NaN: never trained on, but in rank 1's
+    shard of a whole-dataset probe, so only rank 1's probe loss is NaN. Rank 1's validation batches
+    are dicts, which the twin's default ``predict_fn`` cannot read: a failure on that rank only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.net = nn.Sequential(
+            nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3)
+        )
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+        self.x = torch.randn(40, 8, generator=gen)
+        self.x[39, 0] = float("nan")
+        self.y = torch.randint(0, 3, (40,), generator=gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        trained = list(range(36))[self.trainer.global_rank :: self.trainer.world_size]
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=4, sampler=trained)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def val_dataloader(self) -> DataLoader:
+        data = TensorDataset(self.x[:16], self.y[:16])
+        collate = _as_dict if self.trainer.global_rank == 1 else None
+        return DataLoader(data, batch_size=8, collate_fn=collate)
+
+
+def _as_dict(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    x, y = torch.utils.data.default_collate(items)
+    return {"x": x, "y": y}
+
+
+class DumpRank(pl.Callback):
+    """Writes what each rank ended with to ``<dir>/<tag>-rank<r>.pt`` (spawned workers send nothing
+    back): weights, the callbacks' records and notes, and rank zero's logged values."""
+
+    def __init__(self, directory: Path, tag: str) -> None:
+        self.directory, self.tag = directory, tag
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ours: dict[str, Any] = {}
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, (SharpnessMonitor, StabilityMonitor, TwinDivergence, AdaptiveLocalLR)):
+                key = f"{type(cb).__name__}/{cb.log_prefix}"
+                history = getattr(cb, "history", [])
+                ours[key] = {
+                    "history": [r.to_dict() for r in history],
+                    "notes": sorted(getattr(cb, "_notes", ())),
+                    "failure": getattr(cb, "failure", None),
+                    "validation": list(getattr(cb, "validation_history", [])),
+                }
+        logger = trainer.logger
+        out = {
+            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "callbacks": ours,
+            "logged": logger.logged if isinstance(logger, MemoryLogger) else [],
+            "step": trainer.global_step,
+            "world": trainer.world_size,
+        }
+        torch.save(out, self.directory / f"{self.tag}-rank{trainer.global_rank}.pt")
+
+
+def _ddp_fit(directory: Path, tag: str, with_callbacks: bool) -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    callbacks: list[pl.Callback] = []
+    if with_callbacks:
+        callbacks = [
+            SharpnessMonitor(every_n_steps=2, probe_size=None, probe_batch_size=8, strict=True),
+            SharpnessMonitor(every_n_steps=3, probe="current", log_prefix="current", strict=True),
+            StabilityMonitor(every_n_steps=1, strict=True),
+            TwinDivergence(every_n_steps=2, strict=True),
+            # twin=False: the twin's growth rates would lower LRs by design, a change of the run.
+            AdaptiveLocalLR(every_n_steps=2, probe="fixed", probe_size=None, max_iter=20, twin=False),
+        ]
+    # A collective that some rank never reaches fails after the timeout instead of hanging the suite.
+    trainer = make_trainer(
+        validation=True,
+        num_sanity_val_steps=0,
+        max_epochs=2,
+        devices=2,
+        strategy=DDPStrategy(timeout=timedelta(seconds=60)),
+        use_distributed_sampler=False,
+        deterministic=True,
+        logger=MemoryLogger(),
+        callbacks=[*callbacks, DumpRank(directory, tag)],
+    )
+    pl.seed_everything(5, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ShardedNet())
+    ours = [str(w.message) for w in caught if "not finite" in str(w.message)]
+    (directory / f"{tag}-rank{trainer.global_rank}-warnings.json").write_text(json.dumps(ours))
+
+
+def _ddp_worker(rank: int, directory: str, port: int) -> None:
+    """One rank of an externally launched 2-process group: both fits in one process start (Lightning
+    keeps the process group between them)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    os.environ["NODE_RANK"] = "0"
+    torch.set_num_threads(1)
+    for tag, with_callbacks in (("plain", False), ("watched", True)):
+        _ddp_fit(Path(directory), tag, with_callbacks)
+
+
+@pytest.mark.ddp
+def test_ddp_nan_on_one_rank_and_an_uneven_last_batch(tmp_path: Path) -> None:
+    """Every rank takes the same decision on a NaN only one rank sees; weights are the plain run's."""
+    paths = {tag: [tmp_path / f"{tag}-rank{r}.pt" for r in (0, 1)] for tag in ("plain", "watched")}
+    fit_ddp_spawn(
+        lambda: torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), free_port()), nprocs=2),
+        *paths["plain"],
+        *paths["watched"],
+    )
+    plain, watched = ([torch.load(p, weights_only=True) for p in paths[tag]] for tag in ("plain", "watched"))
+    assert [r["world"] for r in watched] == [2, 2] and [r["step"] for r in watched] == [10, 10]
+    for a, b in zip(plain, watched):  # 2 epochs of 5 batches, the last of 2 samples
+        assert a["weights"].keys() == b["weights"].keys()
+        for key in a["weights"]:
+            assert torch.equal(a["weights"][key], b["weights"][key]), key
+    rank0, rank1 = watched
+    assert rank0["callbacks"].keys() == rank1["callbacks"].keys()
+    for key, mine in rank0["callbacks"].items():
+        theirs = rank1["callbacks"][key]
+        assert mine["failure"] is None and theirs["failure"] is None, key
+        assert repr(mine["history"]) == repr(theirs["history"]), key  # same decisions, NaN included
+    whole = rank0["callbacks"]["SharpnessMonitor/eos"]
+    assert [r["step"] for r in whole["history"]] == [1, 3, 5, 7, 9]
+    assert all(math.isnan(r["sharpness"]) for r in whole["history"]) and "nan" in whole["notes"]
+    current = rank0["callbacks"]["SharpnessMonitor/current"]["history"]
+    assert len(current) == 4 and all(math.isfinite(r["sharpness"]) for r in current)
+    local = rank0["callbacks"]["AdaptiveLocalLR/local_lr"]
+    assert local["history"] == [] and "nan" in local["notes"]  # never applied a NaN-derived multiplier
+    logged = [v for _, m in rank0["logged"] for k, v in m.items() if k == "eos/sharpness"]
+    assert len(logged) == 5 and all(math.isnan(v) for v in logged)
+    assert rank1["logged"] == []  # only rank zero logs
+    warned = [json.loads((tmp_path / f"watched-rank{r}-warnings.json").read_text()) for r in (0, 1)]
+    assert sorted(w.split(":")[0] for w in warned[0]) == ["AdaptiveLocalLR", "SharpnessMonitor"]  # once each
+    assert warned[1] == []  # rank zero warns
+    # The default predict_fn failed on rank 1 only: every rank skips the disagreement (whose sync
+    # rank 1 alone would have missed) and measures the loss gap, after each of the 2 epochs.
+    validation = rank0["callbacks"]["TwinDivergence/twin"]["validation"]
+    assert validation == rank1["callbacks"]["TwinDivergence/twin"]["validation"]
+    assert [sorted(v) for v in validation] == [["global_step", "twin/val_loss_gap"]] * 2
