@@ -8,6 +8,8 @@ The callbacks are thin adapters over the torch-only core; what they have in comm
 * :class:`OptimizerStepTracker` — tells real optimizer steps from accumulation micro-batches and
   records the hyper-parameters each optimizer *applied* (read in ``on_before_optimizer_step``: by
   ``on_train_batch_end`` a step-interval scheduler has already moved the LR to the next step's).
+* :func:`guarded` per-step hooks (an unexpected error makes the callback step aside, agreed by
+  every rank under DDP on the :func:`fault_group`).
 * rank-aware logging to every attached logger, the TensorBoard custom-scalars layout, the DDP
   all-reduce used by the probes, and the check for unsupported strategies.
 * the places where ``lightning.pytorch`` and the standalone ``pytorch_lightning`` package differ by
@@ -21,7 +23,9 @@ import contextlib
 import functools
 import traceback
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any, TypeVar, overload
 
 import torch
@@ -37,6 +41,8 @@ __all__ = [
     "InertOptimizer",
     "OptimizerStepTracker",
     "SilentScheduler",
+    "FAULT_TIMEOUT_S",
+    "fault_group",
     "guarded",
     "StepReplica",
     "inert_optimizer",
@@ -72,6 +78,79 @@ def check_supported_strategy(trainer: Trainer, owner: str) -> None:
 
 HookT = TypeVar("HookT", bound=Callable[..., Any])
 
+#: Seconds a rank whose callback failed waits, in the fault handshake, for every other rank to report
+#: the same failure: the timeout of the fault group (see :func:`fault_group`), read when it is created.
+FAULT_TIMEOUT_S = 60.0
+
+# The fault group of the current default process group: (default group, fault group). A new default
+# group (a new ``init_process_group`` in this process) gets a new fault group.
+_fault_groups: tuple[Any, Any] | None = None
+
+
+def fault_group(trainer: Trainer) -> Any:
+    """The process group the callbacks' fault handshake runs on, or None in one process.
+
+    A gloo group of all ranks, separate from the default group, with a timeout of
+    :data:`FAULT_TIMEOUT_S`: its collectives never interleave with the callbacks' own (Hessian-vector
+    products, flags, broadcasts) or DDP's, so a rank waiting in the handshake can never be matched with
+    a rank inside one of those. Created once per default group and shared by every callback; call it
+    from each callback's ``setup``: every rank runs the same callbacks' ``setup`` in the same order,
+    and ``new_group`` must be called by every rank. Gloo, whatever the default backend: the handshake
+    exchanges a few integers on the CPU. Nothing is created (and nothing costs) in one process.
+    """
+    global _fault_groups
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.group.WORLD
+    if _fault_groups is None or _fault_groups[0] is not world:
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=FAULT_TIMEOUT_S))
+        _fault_groups = (world, group)
+    return _fault_groups[1]
+
+
+def _from_collective(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside a ``torch.distributed`` collective (a timeout, a peer gone).
+
+    Gloo raises those as plain ``RuntimeError``: they are told by the traceback passing through
+    ``torch.distributed.distributed_c10d``, NCCL's by their ``DistError`` type.
+    """
+    if isinstance(err, dist.DistError):
+        return True
+    c10d = dist.distributed_c10d.__file__
+    return any(frame.f_code.co_filename == c10d for frame, _ in traceback.walk_tb(err.__traceback__))
+
+
+def _all_ranks_failed_here(callback: Any, trainer: Trainer, hook: str, err: Exception) -> bool:
+    """The fault handshake: whether every rank failed in ``callback``'s ``hook`` at this step.
+
+    Only a rank whose hook raised calls it; the others are running on, so the handshake completes
+    only when every rank failed. Each rank contributes (callback position, hook, step, whether the
+    error came from a collective); they must all match: two ranks failing in different callbacks,
+    hooks or steps have not stopped at the same point (one may have run a collective the other never
+    reaches), and a collective that raised (a peer gone, a timeout) leaves the default group in an
+    unknown state (the ranks raise then, also when every rank's collective failed). False when the
+    handshake timed out (some rank did not fail) or could not run.
+    """
+    group = fault_group(trainer)
+    if group is None:
+        return False
+    try:
+        position = trainer.callbacks.index(callback)  # type: ignore[attr-defined]
+    except ValueError:
+        position = -1
+    mine = torch.tensor(
+        [position, zlib.crc32(hook.encode()), trainer.global_step, int(_from_collective(err))],
+        dtype=torch.int64,
+    )
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(rows, mine, group=group)
+    except Exception:
+        # Gloo ends a collective that timed out itself (the group's timeout) or whose peer is gone:
+        # nothing stays pending on the group to hold up this process's exit.
+        return False
+    return all(torch.equal(row, mine) for row in rows) and int(mine[-1]) == 0
+
 
 def guarded(hook: HookT) -> HookT:
     """Make a callback's per-step hook unable to stop training.
@@ -80,9 +159,18 @@ def guarded(hook: HookT) -> HookT:
     ``RuntimeWarning``, and the callback steps aside for the rest of the run (every guarded hook of
     it returns at once from then on): the training goes on exactly as without the callback. With
     ``callback.strict = True`` (the tests use it) the exception propagates instead. Set-up hooks are
-    not guarded: an unsupported setup is a clear error at setup, never a silent no-op. Under DDP the
-    exception propagates too: a rank that stepped aside alone would leave the others waiting in the
-    callback's next collective (a hang is worse than an error).
+    not guarded: an unsupported setup is a clear error at setup, never a silent no-op.
+
+    Under DDP a rank that stepped aside alone would leave the others waiting in the callback's next
+    collective, so the ranks agree first, on the :func:`fault_group`: the failing rank waits up to
+    :data:`FAULT_TIMEOUT_S` for every rank to report a failure of the same callback, hook and step.
+    When all do (a deterministic error, e.g. an op without a double backward or a bad ``loss_fn``,
+    hits every rank at the same point), every rank steps aside and the run goes on as without the
+    callback. Otherwise (the other ranks are inside a collective waiting for this one) a
+    ``RuntimeError`` saying that the error occurred on some ranks only is raised from the original
+    exception after that wait: a clear error, not a hang; the other ranks fail when this process
+    exits. Ranks that did not fail take no part in the handshake and pay nothing for it; neither
+    does single-process training.
     """
 
     @functools.wraps(hook)
@@ -92,13 +180,26 @@ def guarded(hook: HookT) -> HookT:
         try:
             return hook(self, trainer, *args, **kwargs)
         except Exception as err:
-            if getattr(self, "strict", False) or trainer.world_size > 1:
+            if getattr(self, "strict", False):
                 raise
+            trace = traceback.format_exc()
+            step = trainer.global_step
+            where = f"{type(self).__name__}: unexpected error in {hook.__name__} at step {step}"
+            everywhere = ""
+            if trainer.world_size > 1:
+                if not _all_ranks_failed_here(self, trainer, hook.__name__, err):
+                    # A new error chained to the original (``add_note`` needs Python 3.11).
+                    raise RuntimeError(
+                        f"{where} ({type(err).__name__}: {err}), on some ranks only (or not at the same "
+                        "point on every rank): the callback cannot step aside on every rank at once, so "
+                        "the error is raised instead of leaving the other ranks waiting in the "
+                        "callback's next collective."
+                    ) from err
+                everywhere = f" on all {trainer.world_size} ranks (it failed on every rank at this point)"
             self.failure = f"{type(err).__name__}: {err}"
             rank_zero_warn(
-                f"{type(self).__name__}: unexpected error in {hook.__name__} at step {trainer.global_step}; "
-                "the callback disables itself for the rest of the run and training goes on unchanged. "
-                f"Pass strict=True to raise instead.\n{traceback.format_exc()}",
+                f"{where}; the callback disables itself{everywhere} for the rest of the run and training "
+                f"goes on unchanged. Pass strict=True to raise instead.\n{trace}",
                 category=RuntimeWarning,
             )
             return None

@@ -35,6 +35,7 @@ from lightning_eos.callbacks._lightning import (
     StepReplica,
     allreduce_sum,
     check_supported_strategy,
+    fault_group,
     guarded,
     log_metrics,
     logging_step,
@@ -248,6 +249,7 @@ class SharpnessMonitor(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_supported_strategy(trainer, type(self).__name__)
+        fault_group(trainer)  # every rank, in setup: the group a failure is agreed on under DDP
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -48,6 +48,7 @@ from lightning_eos.callbacks._lightning import (
     allreduce_sum,
     check_supported_strategy,
     extract_loss,
+    fault_group,
     guarded,
     inert_optimizer,
     log_metrics,
@@ -234,6 +235,7 @@ class TwinDivergence(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # As early as the other callbacks: before a strategy's own set-up checks of the module.
         check_supported_strategy(trainer, "TwinDivergence")
+        fault_group(trainer)  # every rank, in setup: the group a failure is agreed on under DDP
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

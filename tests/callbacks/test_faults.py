@@ -1,13 +1,17 @@
 """Faults inside a callback never stop training: reported once, the callback steps aside, the run is
 bitwise the run without it; ``strict=True`` re-raises. Under DDP a fault only one rank sees (a NaN in
 its probe shard, a validation batch the default ``predict_fn`` cannot read) leads every rank to the
-same decision, with an uneven last batch, and the weights are those of the run without callbacks."""
+same decision, with an uneven last batch, and the weights are those of the run without callbacks; an
+exception raised on every rank at the same point makes the callback step aside on every rank, one
+raised on one rank only stops every rank with an error that says so (no hang)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eos.callbacks import AdaptiveLocalLR, SharpnessMonitor, StabilityMonitor, TwinDivergence
+from lightning_eos.callbacks import (
+    AdaptiveLocalLR,
+    SharpnessMonitor,
+    StabilityMonitor,
+    TwinDivergence,
+    _lightning,
+)
 from lightning_eos.demos.digits import DigitsDataModule, DigitsMLP
 from tests.callbacks._helpers import MemoryLogger, fit_ddp_spawn, free_port, make_trainer, quiet_fit
 
@@ -80,6 +90,7 @@ def test_an_error_inside_a_callback_is_reported_once_and_training_goes_on(name: 
     assert len(reports) == 1 and "Traceback" in str(reports[0].message)
     for a, b in zip(plain, model.parameters()):
         assert torch.equal(a, b)
+    assert _lightning._fault_groups is None  # one process: no fault group, no handshake
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
@@ -206,9 +217,14 @@ def _ddp_fit(directory: Path, tag: str, with_callbacks: bool) -> None:
     (directory / f"{tag}-rank{trainer.global_rank}-warnings.json").write_text(json.dumps(ours))
 
 
+FAULT_TIMEOUT_S = 3.0  # the fault handshake's wait (lightning_eos.callbacks._lightning), lowered
+
+
 def _ddp_worker(rank: int, directory: str, port: int) -> None:
-    """One rank of an externally launched 2-process group: both fits in one process start (Lightning
-    keeps the process group between them)."""
+    """One rank of an externally launched 2-process group: every DDP fit of this module in one
+    process start (Lightning keeps the process group between them); the one that fails on rank 1
+    only comes last, since it ends the process group."""
+    _lightning.FAULT_TIMEOUT_S = FAULT_TIMEOUT_S  # before the first setup creates the fault group
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
     )
@@ -216,18 +232,31 @@ def _ddp_worker(rank: int, directory: str, port: int) -> None:
     torch.set_num_threads(1)
     for tag, with_callbacks in (("plain", False), ("watched", True)):
         _ddp_fit(Path(directory), tag, with_callbacks)
+    for tag, ranks in (("fault-plain", None), ("everywhere", (0, 1)), ("rank1", (1,))):
+        _fault_fit(Path(directory), tag, ranks)
+
+
+_DDP_TAGS = ("plain", "watched", "fault-plain", "everywhere", "rank1")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of every rank's results of :func:`_ddp_worker` (one 2-process start)."""
+    directory = tmp_path_factory.mktemp("ddp")
+    fit_ddp_spawn(
+        lambda: torch.multiprocessing.spawn(_ddp_worker, args=(str(directory), free_port()), nprocs=2),
+        *[directory / f"{tag}-rank{r}.pt" for tag in _DDP_TAGS for r in (0, 1)],
+    )
+    return directory
 
 
 @pytest.mark.ddp
-def test_ddp_nan_on_one_rank_and_an_uneven_last_batch(tmp_path: Path) -> None:
+def test_ddp_nan_on_one_rank_and_an_uneven_last_batch(ddp_runs: Path) -> None:
     """Every rank takes the same decision on a NaN only one rank sees; weights are the plain run's."""
-    paths = {tag: [tmp_path / f"{tag}-rank{r}.pt" for r in (0, 1)] for tag in ("plain", "watched")}
-    fit_ddp_spawn(
-        lambda: torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), free_port()), nprocs=2),
-        *paths["plain"],
-        *paths["watched"],
+    plain, watched = (
+        [torch.load(ddp_runs / f"{tag}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for tag in ("plain", "watched")
     )
-    plain, watched = ([torch.load(p, weights_only=True) for p in paths[tag]] for tag in ("plain", "watched"))
     assert [r["world"] for r in watched] == [2, 2] and [r["step"] for r in watched] == [10, 10]
     for a, b in zip(plain, watched):  # 2 epochs of 5 batches, the last of 2 samples
         assert a["weights"].keys() == b["weights"].keys()
@@ -249,7 +278,7 @@ def test_ddp_nan_on_one_rank_and_an_uneven_last_batch(tmp_path: Path) -> None:
     logged = [v for _, m in rank0["logged"] for k, v in m.items() if k == "eos/sharpness"]
     assert len(logged) == 5 and all(math.isnan(v) for v in logged)
     assert rank1["logged"] == []  # only rank zero logs
-    warned = [json.loads((tmp_path / f"watched-rank{r}-warnings.json").read_text()) for r in (0, 1)]
+    warned = [json.loads((ddp_runs / f"watched-rank{r}-warnings.json").read_text()) for r in (0, 1)]
     assert sorted(w.split(":")[0] for w in warned[0]) == ["AdaptiveLocalLR", "SharpnessMonitor"]  # once each
     assert warned[1] == []  # rank zero warns
     # The default predict_fn failed on rank 1 only: every rank skips the disagreement (whose sync
@@ -257,3 +286,111 @@ def test_ddp_nan_on_one_rank_and_an_uneven_last_batch(tmp_path: Path) -> None:
     validation = rank0["callbacks"]["TwinDivergence/twin"]["validation"]
     assert validation == rank1["callbacks"]["TwinDivergence/twin"]["validation"]
     assert [sorted(v) for v in validation] == [["global_step", "twin/val_loss_gap"]] * 2
+
+
+# ------------------------------------------------------------------- DDP: an exception in a callback
+
+
+def _raising_after(calls: int, ranks: tuple[int, ...], real: Any, what: str) -> Any:
+    """``real`` for its first ``calls`` calls, then a RuntimeError on ``ranks`` (others go on)."""
+    count = [0]
+    rank = int(os.environ["RANK"])
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        if count[0] > calls and rank in ranks:
+            raise RuntimeError(f"a bug inside {what}")
+        return real(*args, **kwargs)
+
+    return call
+
+
+def _probe_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _failing_callbacks(ranks: tuple[int, ...]) -> list[pl.Callback]:
+    """On ``ranks``: a SharpnessMonitor whose ``loss_fn`` raises at its 4th call (the measurement at
+    step 2), a StabilityMonitor whose metrics raise at their 2nd (step 2), a twin whose update raises
+    at its 3rd (step 3). ``ranks=(1,)``: the SharpnessMonitor alone."""
+    sharpness = SharpnessMonitor(
+        every_n_steps=1, probe="current", loss_fn=_raising_after(3, ranks, _probe_loss, "the probe")
+    )
+    stability = StabilityMonitor(every_n_steps=1)
+    stability._metrics = _raising_after(1, ranks, stability._metrics, "the metrics")  # type: ignore[method-assign]
+    twin = TwinDivergence(every_n_steps=1, validation=False)
+    real_fit_start = twin.on_fit_start
+
+    def fit_start(trainer: Any, pl_module: Any) -> None:
+        real_fit_start(trainer, pl_module)
+        assert twin.engine is not None
+        twin.engine.step = _raising_after(2, ranks, twin.engine.step, "the twin step")  # type: ignore[method-assign]
+
+    twin.on_fit_start = fit_start  # type: ignore[method-assign]
+    return [sharpness, stability, twin] if ranks != (1,) else [sharpness]
+
+
+def _fault_fit(directory: Path, tag: str, ranks: tuple[int, ...] | None) -> None:
+    """One 4-step fit of ShardedNet: no lightning-eos callback (``ranks=None``) or the callbacks of
+    :func:`_failing_callbacks`; writes ``<tag>-rank<r>.pt``: weights (or the error and when it came),
+    each callback's ``failure``, this rank's "disables itself" warnings."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    callbacks = [] if ranks is None else _failing_callbacks(ranks)
+    trainer = make_trainer(
+        max_steps=4,
+        devices=2,
+        strategy=DDPStrategy(timeout=timedelta(seconds=60)),
+        use_distributed_sampler=False,
+        deterministic=True,
+        callbacks=callbacks,
+    )
+    pl.seed_everything(5, verbose=False)
+    model = ShardedNet()
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(model)
+        except Exception as err:  # the fault on one rank only: an error on every rank, not a hang
+            out["error"] = "".join(traceback.format_exception(err))
+            out["error_after_s"] = time.perf_counter() - start
+    out["fit_s"] = time.perf_counter() - start
+    out["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out["step"] = trainer.global_step
+    out["failures"] = [getattr(cb, "failure", None) for cb in callbacks]
+    out["warnings"] = [str(w.message) for w in caught if "disables itself" in str(w.message)]
+    torch.save(out, directory / f"{tag}-rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_an_exception_on_every_rank_disables_the_callback_on_every_rank(ddp_runs: Path) -> None:
+    """Raised on both ranks at the same point, each callback steps aside on both and the weights are
+    the plain run's; raised on rank 1 only, every rank stops with an error that says so, no hang."""
+    tags = ("fault-plain", "everywhere", "rank1")
+    plain, everywhere, rank1 = (
+        [torch.load(ddp_runs / f"{tag}-rank{r}.pt", weights_only=True) for r in (0, 1)] for tag in tags
+    )
+    for a, b in zip(plain, everywhere):
+        assert "error" not in a and "error" not in b and a["step"] == b["step"] == 4
+        for key in a["weights"]:
+            assert torch.equal(a["weights"][key], b["weights"][key]), key
+    for record in everywhere:
+        expected = ["the probe", "the metrics", "the twin step"]
+        assert [f"RuntimeError: a bug inside {what}" for what in expected] == record["failures"]
+    warned = everywhere[0]["warnings"]
+    assert [w.split(":")[0] for w in warned] == ["SharpnessMonitor", "StabilityMonitor", "TwinDivergence"]
+    assert [int(w.split(" at step ")[1].split(";")[0]) for w in warned] == [2, 2, 3]  # then step 4 ran
+    assert all("on all 2 ranks" in w and "Traceback" in w for w in warned)
+    assert everywhere[1]["warnings"] == []  # rank zero warns
+    # Rank 1 waits FAULT_TIMEOUT_S for a handshake rank 0 never joins (rank 0 waits in the monitor's
+    # next all-reduce), then raises; rank 0's all-reduce fails when rank 1's process exits.
+    for record in rank1:
+        assert "SharpnessMonitor" in record["error"] and "on some ranks only" in record["error"]
+    assert "a bug inside the probe" in rank1[1]["error"] and "a bug" not in rank1[0]["error"]
+    assert FAULT_TIMEOUT_S <= rank1[1]["error_after_s"] < FAULT_TIMEOUT_S + 10.0
+    assert rank1[0]["error_after_s"] < 30.0  # not the default group's 60 s timeout: rank 1's exit
