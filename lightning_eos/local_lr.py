@@ -589,6 +589,12 @@ class LocalLRController:
         twin_threshold: :meth:`update_twin` cuts layers whose gap grows faster than this
             (units of ``ln gap`` per step, > 0).
         twin_cut: factor applied to an amplifying layer, in (0, 1).
+        freeze_after: ``None`` (default): adapt for the whole run. An int ``n >= 1``: after ``n``
+            refreshes the measured state (curvatures, coupled reference, twin factors) is frozen:
+            later :meth:`refresh` calls spend no products and return None, :meth:`update_twin`
+            is ignored, and :meth:`plan` keeps applying the frozen bounds to the live LRs (at a
+            constant LR: static per-layer multipliers). The ablation "is adapting in time worth
+            it?"; :attr:`frozen` says when it applies.
         seed: seed of the solvers' random start components.
         warn: how warnings are emitted (``warnings.warn``-like; the callback passes a rank-zero one).
 
@@ -615,6 +621,7 @@ class LocalLRController:
         check_weight_decay: bool = False,
         twin_threshold: float = 0.01,
         twin_cut: float = 0.5,
+        freeze_after: int | None = None,
         seed: int = 0,
         warn: Callable[[str], None] | None = None,
     ) -> None:
@@ -637,6 +644,13 @@ class LocalLRController:
         _check(isinstance(check_weight_decay, bool), "check_weight_decay", check_weight_decay, "True, False")
         _check(_real(twin_threshold) and twin_threshold > 0, "twin_threshold", twin_threshold, "a float > 0")
         _check(_real(twin_cut) and 0.0 < twin_cut < 1.0, "twin_cut", twin_cut, "a float in (0, 1)")
+        _check(
+            freeze_after is None
+            or (isinstance(freeze_after, int) and not isinstance(freeze_after, bool) and freeze_after >= 1),
+            "freeze_after",
+            freeze_after,
+            "None or an int >= 1 (refreshes)",
+        )
         _check(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an int")
         check_linear_update(optimizer)
         self.optimizer = optimizer
@@ -688,6 +702,7 @@ class LocalLRController:
         self.check_weight_decay = check_weight_decay
         self.twin_threshold = float(twin_threshold)
         self.twin_cut = float(twin_cut)
+        self.freeze_after = freeze_after
         self.seed = seed
         self._warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
 
@@ -699,6 +714,7 @@ class LocalLRController:
         self._vectors: dict[str, torch.Tensor] = {}  # warm starts: per layer, and "coupled"
         self._wd_warned: set[str] = set()
         self._measured: dict[str, list[float]] = {}  # the last measured (unsmoothed) curvatures per layer
+        self.refreshes = 0  # refreshes that updated the curvature (counted against freeze_after)
         self.history: list[LocalLRRecord] = []
         #: The plan the latest optimizer step applied (made in its pre-hook), None before any.
         self.last_plan: Plan | None = None
@@ -712,6 +728,11 @@ class LocalLRController:
     def detach(self) -> None:
         """Remove the hooks: steps are the user's again."""
         self.scaler.detach()
+
+    @property
+    def frozen(self) -> bool:
+        """Whether ``freeze_after`` refreshes were made: the state no longer changes."""
+        return self.freeze_after is not None and self.refreshes >= self.freeze_after
 
     def _step_multipliers(self) -> dict[str, float]:
         self.last_plan = self.plan()
@@ -791,7 +812,10 @@ class LocalLRController:
     def update_twin(self, growth: Mapping[str, float]) -> None:
         """Use a twin's per-layer growth rates (``ln gap`` per step): a layer growing faster than
         ``twin_threshold`` is cut by ``twin_cut``; one at or below it recovers by ``max_change``
-        toward its curvature value (factor 1). Layers without a finite rate are left as they are."""
+        toward its curvature value (factor 1). Layers without a finite rate are left as they are.
+        Ignored once :attr:`frozen`."""
+        if self.frozen:
+            return
         for name in self.layers:
             g = growth.get(name)
             if g is None or not math.isfinite(float(g)):
@@ -867,8 +891,11 @@ class LocalLRController:
 
         Returns:
             The record (also appended to :attr:`history`), or None when an adaptive optimizer has no
-            state yet (nothing to precondition with: no step taken).
+            state yet (nothing to precondition with: no step taken) or the controller is
+            :attr:`frozen` (no product is spent).
         """
+        if self.frozen:
+            return None
         grps = self._groups(groups)
         all_params = [p for ps in self.layers.values() for p in ps]
         if self.preconditioned:
@@ -942,6 +969,7 @@ class LocalLRController:
                 rise = max(measured / prev - 1.0, rise if math.isfinite(rise) else -math.inf)
             self._measured[name] = [*recent, measured][-RISE_WINDOW:]
             self.curvature[name] = self._smooth(name, measured)
+        self.refreshes += 1
 
         # Coupled check at the targets.
         lrs = [_lr_of(g) for g in grps]
@@ -1053,6 +1081,7 @@ class LocalLRController:
             "vectors": {k: v.detach().cpu().clone() for k, v in self._vectors.items()},
             "wd_warned": sorted(self._wd_warned),
             "measured": {k: list(v) for k, v in self._measured.items()},
+            "refreshes": self.refreshes,
             "history": [r.to_dict() for r in self.history],
         }
 
@@ -1091,3 +1120,6 @@ class LocalLRController:
         self._wd_warned = set(state.get("wd_warned", []))
         self._measured = {k: [float(x) for x in v] for k, v in state.get("measured", {}).items()}
         self.history = [LocalLRRecord.from_dict(r) for r in state.get("history", [])]
+        # States saved before the counter existed: every record with finite curvature counted.
+        default = sum(1 for r in self.history if r.curvature)
+        self.refreshes = int(state.get("refreshes", default))

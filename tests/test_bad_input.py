@@ -103,6 +103,7 @@ CALLBACK_CASES: dict[type, dict[str, list[Any]]] = {
         "twin": ["sometimes"],
         "twin_threshold": [0.0],
         "twin_cut": [0.0, 1.5],
+        "freeze_after": [0, 2.5, True],
         "check_weight_decay": ["yes"],
         "optimizer_idx": [-1],
         "log_prefix": [""],

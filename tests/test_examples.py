@@ -137,3 +137,48 @@ def test_cli_fit_builds_the_yaml_callbacks_and_trains(tmp_path: Path) -> None:
     sharp = next(c for c in trainer.callbacks if type(c).__name__ == "SharpnessMonitor")
     assert len(sharp.history) == 1  # measured on the first real step
     assert result.model.hparams.weight_decay == 0.01
+
+
+def test_local_lr_benchmark_quick_runs_every_arm(tmp_path: Path) -> None:
+    """``benchmarks/local_lr.py --quick``: every arm runs, the tables, JSON and figures are written,
+    and each run's record is consistent with its stopping rule."""
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "local_lr.py"
+    spec = importlib.util.spec_from_file_location("bench_local_lr", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_local_lr"] = bench  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(bench)
+    out, raw = tmp_path / "local_lr.md", tmp_path / "local_lr.json"
+    with redirect_stdout(io.StringIO()):
+        bench.main(["--quick", "--out", str(out), "--json", str(raw), "--figures", str(tmp_path)])
+    text = out.read_text(encoding="utf-8")
+    for arm in (*bench.GRID_ARMS, *bench.FREE_ARMS):
+        assert f"| {arm} |" in text, f"no summary row for {arm}"
+    assert "twin gap at the end" in text
+    assert (tmp_path / "local_lr_robustness.png").stat().st_size > 5_000
+    assert (tmp_path / "local_lr_steps.png").stat().st_size > 5_000
+    res = json.loads(raw.read_text(encoding="utf-8"))["mlp-sgd-full"]
+    assert set(res["runs"]) == {*bench.GRID_ARMS, *bench.FREE_ARMS}
+    assert len(res["grid"]) == 3 and res["grid"][1] == res["eta_s"]
+    for arm, by_lr in res["runs"].items():
+        for runs in by_lr.values():
+            for r in runs:
+                if r["reached"] is not None:  # stopped at the target: the loss there is at most the target
+                    assert not r["diverged"] and r["final"] <= res["target"] and r["reached"] <= 40
+                if arm in bench.CONTROLLER_ARMS:
+                    assert r["refreshes"] >= 1 and r["hvps"] >= r["refreshes"]
+                if arm == "static":
+                    assert r["refreshes"] <= bench.STATIC_REFRESHES
+    for arm in ("constant", "cap"):
+        (calm,) = res["calm"][arm]
+        assert 0 < calm["twin_gap"] < 1 and 0 < calm["test_acc"] <= 1
+    # the merge of saved runs (how the docs' tables are made) gives the same per-setup tables
+    merged = tmp_path / "merged.md"
+    with redirect_stdout(io.StringIO()):
+        bench.main(["--from-json", str(raw), "--out", str(merged)])
+    again = merged.read_text(encoding="utf-8")
+    assert "Robustness: median over seeds" in again and "| mlp-sgd-full |" in again
+    per_setup = text[text.index("#### ") : text.index("(mlp-sgd-full:")].strip()
+    assert per_setup in again

@@ -325,6 +325,36 @@ def test_refresh_interval_halves_on_rising_curvature_and_doubles_otherwise() -> 
             RefreshSchedule(**bad)  # type: ignore[arg-type]
 
 
+def test_freeze_after_keeps_the_bounds_of_the_first_refreshes() -> None:
+    """``freeze_after=2``: the third refresh spends no product and changes nothing; the frozen
+    curvature still sets the multipliers at the live LR (the static ablation)."""
+    H = torch.tensor([[1.0]], dtype=DT)
+    model = Quad(torch.block_diag(H, 0.1 * H), (1, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1.5)
+    ctl = LocalLRController(opt, model.layers(), freeze_after=2, tol=1e-8)
+    adaptive = LocalLRController(opt, model.layers(), tol=1e-8)
+    for scale in (1.0, 2.0):
+        model.scale = scale
+        assert ctl.refresh(_hessian(model)) is not None
+        adaptive.refresh(_hessian(model))
+        assert not ctl.frozen or scale == 2.0
+    assert ctl.frozen and ctl.refreshes == 2 and len(ctl.history) == 2
+    frozen_state = {k: v for k, v in ctl.state_dict().items() if k != "vectors"}
+    model.scale = 8.0  # the curvature rises 4x: the adaptive controller cuts, the frozen one does not
+    assert ctl.refresh(_hessian(model)) is None
+    adaptive.refresh(_hessian(model))
+    ctl.update_twin({"l0": 1.0, "l1": 1.0})  # ignored too
+    assert {k: v for k, v in ctl.state_dict().items() if k != "vectors"} == frozen_state
+    # exact answers: η* = 2/λ; multiplier min(1, 0.8·η*/η) with λ = 2 (frozen) and 8 (adaptive)
+    assert ctl.plan().multiplier["l0"] == pytest.approx(0.8 * (2 / 2.0) / 1.5, rel=1e-6)
+    assert adaptive.plan().multiplier["l0"] == pytest.approx(0.8 * (2 / 8.0) / 1.5, rel=1e-6)
+    opt.param_groups[0]["lr"] = 3.0  # the frozen bound still applies to the live LR
+    assert ctl.plan().target["l0"] * 3.0 == pytest.approx(0.8 * 2 / 2.0, rel=1e-6)
+    restored = LocalLRController(opt, model.layers(), freeze_after=2)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.frozen and restored.refreshes == 2
+
+
 def test_curvature_rise_is_recorded() -> None:
     H = torch.tensor([[1.0]], dtype=DT)
     model = Quad(torch.block_diag(H, 0.1 * H), (1, 1))
@@ -496,6 +526,9 @@ def test_linear_optimizer_without_a_stability_rule_is_refused_with_instructions(
         ({"warm_start": "yes"}, "warm_start"),
         ({"twin_threshold": -1.0}, "twin_threshold"),
         ({"twin_cut": 1.0}, "twin_cut"),
+        ({"freeze_after": 0}, "freeze_after"),
+        ({"freeze_after": 2.0}, "freeze_after"),
+        ({"freeze_after": True}, "freeze_after"),
         ({"seed": 0.5}, "seed"),
     ],
 )

@@ -110,6 +110,9 @@ class AdaptiveLocalLR(Callback):
             is cut by ``twin_cut`` at a refresh; otherwise it recovers toward its curvature value.
         twin_threshold: see ``twin`` (> 0).
         twin_cut: see ``twin``, in (0, 1).
+        freeze_after: ``None`` (default) adapts for the whole run; an int ``n >= 1`` stops refreshing
+            after ``n`` refreshes and keeps the bounds measured by then (static per-layer multipliers
+            at a constant LR: the "is adapting in time worth it?" ablation).
         check_weight_decay: also measure each block's λ_min and warn once per layer whose coupled
             weight decay lies outside its window (``bounds.weight_decay_window``; SGD family only).
         optimizer_idx: which optimizer of ``configure_optimizers`` to control.
@@ -148,6 +151,7 @@ class AdaptiveLocalLR(Callback):
         twin: bool | Literal["auto"] = "auto",
         twin_threshold: float = 0.01,
         twin_cut: float = 0.5,
+        freeze_after: int | None = None,
         check_weight_decay: bool = False,
         optimizer_idx: int = 0,
         log_prefix: str = "local_lr",
@@ -208,6 +212,7 @@ class AdaptiveLocalLR(Callback):
         check.positive_float("twin_threshold", twin_threshold)
         if isinstance(twin_cut, bool) or not isinstance(twin_cut, (int, float)) or not 0.0 < twin_cut < 1.0:
             raise check.fail("twin_cut", twin_cut, "a float in (0, 1)")
+        check.positive_int("freeze_after", freeze_after, allow_none=True)
         check.flag("check_weight_decay", check_weight_decay)
         check.int_at_least("optimizer_idx", optimizer_idx, 0)
         check.log_prefix("log_prefix", log_prefix)
@@ -234,6 +239,7 @@ class AdaptiveLocalLR(Callback):
         self.twin = twin
         self.twin_threshold = float(twin_threshold)
         self.twin_cut = float(twin_cut)
+        self.freeze_after = freeze_after
         self.check_weight_decay = check_weight_decay
         self.optimizer_idx = optimizer_idx
         self.log_prefix = log_prefix
@@ -301,6 +307,7 @@ class AdaptiveLocalLR(Callback):
             check_weight_decay=self.check_weight_decay,
             twin_threshold=self.twin_threshold,
             twin_cut=self.twin_cut,
+            freeze_after=self.freeze_after,
             seed=self.seed,
             warn=lambda msg: rank_zero_warn(msg, category=RuntimeWarning),
         )
@@ -347,6 +354,11 @@ class AdaptiveLocalLR(Callback):
         now = time.perf_counter()
         if self._budget is not None and self._clock is not None:
             self._budget.observe_step(now - self._clock - self._refresh_seconds)
+        elif self._budget is not None and self._budget.steps < self._opt_steps:
+            # Resumed: the step before the checkpoint was never timed (its end is timed at the next
+            # batch start, in the interrupted run). Count it at the mean step time, so the budget
+            # counts the optimizer's steps and its planned step stays the same step of training.
+            self._budget.observe_step(self._budget.step_time)
         self._clock, self._refresh_seconds = now, 0.0
         if self._due(trainer):
             start = time.perf_counter()
@@ -416,6 +428,8 @@ class AdaptiveLocalLR(Callback):
 
     # ------------------------------------------------------------------ schedule
     def _due(self, trainer: Trainer) -> bool:
+        if self.controller is not None and self.controller.frozen:
+            return False  # freeze_after reached: the bounds stay as measured, no more products
         if self._retry:
             return True
         if self._schedule is not None:

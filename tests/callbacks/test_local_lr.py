@@ -132,6 +132,8 @@ class LRRecorder(pl.Callback):
         ({"twin": "always"}, "twin"),
         ({"twin_threshold": 0.0}, "twin_threshold"),
         ({"twin_cut": 1.0}, "twin_cut"),
+        ({"freeze_after": 0}, "freeze_after"),
+        ({"freeze_after": 1.5}, "freeze_after"),
         ({"check_weight_decay": 1}, "check_weight_decay"),
         ({"optimizer_idx": -1}, "optimizer_idx"),
         ({"log_prefix": "local_lr/"}, "log_prefix"),
@@ -438,6 +440,23 @@ def test_fixed_and_adaptive_refresh_intervals() -> None:
     gaps = [b - a for a, b in itertools.pairwise(steps)]
     assert steps[:2] == [0, 1] and max(gaps) <= 4  # starts at 1 step, never beyond every_n_steps
     assert adaptive.state_dict()["schedule"]["next_step"] > steps[-1]
+
+
+def test_freeze_after_stops_refreshing_and_keeps_the_multipliers() -> None:
+    """The static ablation: two refreshes (steps 0 and 1), then the same multipliers every step."""
+    cb = AdaptiveLocalLR(every_n_steps=1, freeze_after=2)
+    seen: list[dict[str, float]] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            assert cb.controller is not None
+            seen.append(dict(cb.controller.scaler.last))
+
+    quiet_fit(make_trainer(max_steps=8, callbacks=[cb, Watch()]), Tiny(lr=3.0), tiny_data())
+    assert [r.step for r in cb.history] == [0, 1]
+    assert cb.controller is not None and cb.controller.frozen
+    assert min(seen[1].values()) < 1.0  # lr 3 is capped ...
+    assert all(s == seen[1] for s in seen[1:])  # ... by the same multipliers from step 1 on
 
 
 def test_gradient_accumulation_refreshes_and_scales_once_per_optimizer_step() -> None:
