@@ -6,7 +6,9 @@ same 512-sample probe batch; one torch thread):
 * ``--part cost``: CPU time of one product, in gradients (forward + backward of the same loss = 1),
   for the default exact product (and, with ``--baseline FILE``, for another version of
   ``operator.py`` loaded from ``FILE``, measured in the same run and interleaved with it), the bare
-  ``torch.autograd.grad(g, params, v)`` on a cached graph (the floor of reverse-over-reverse), the
+  ``torch.autograd.grad(g, params, v)`` on a cached graph (the floor of reverse-over-reverse; for
+  models with BatchNorm once with the native kernel in the graph and once with the affine form the
+  operator records, ``lightning_eos.curvature.operator.affine_batch_norm``), the
   finite-difference product, and the candidate speed-ups that were measured and rejected
   (``is_grads_batched`` over 8 vectors, per vector; channels-last activations and weights).
   Times are CPU seconds of this process (``time.process_time``: user + system, so page faults
@@ -46,6 +48,7 @@ from bench_curvature import build, ce, load_digits_std, trained  # noqa: E402
 
 import lightning_eos.curvature.operator as operator_module  # noqa: E402
 from lightning_eos.curvature import HessianOperator, hessian_eigenvalues  # noqa: E402
+from lightning_eos.curvature.operator import affine_batch_norm  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -129,7 +132,7 @@ def _cost_one(name: str, repeats: int, before_cls: type | None) -> dict[str, flo
     fns: dict[str, tuple[Callable[[], Any], int]] = {
         "gradient": (lambda: torch.autograd.grad(ce(m, probe), mp), 1),
         "product (this version)": (lambda: op @ v, 1),
-        "bare autograd.grad on a cached graph": (
+        "bare autograd.grad on a cached graph (native kernels)": (
             lambda: torch.autograd.grad(g_cached, mp, vm, retain_graph=True),
             1,
         ),
@@ -139,6 +142,13 @@ def _cost_one(name: str, repeats: int, before_cls: type | None) -> dict[str, flo
             8,
         ),
     }
+    if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules()):
+        with affine_batch_norm(m):  # the graph the operator records: BatchNorm as x·a + c
+            g_affine = torch.autograd.grad(ce(m, probe), mp, create_graph=True)
+        fns["bare autograd.grad, affine BatchNorm graph"] = (
+            lambda: torch.autograd.grad(g_affine, mp, vm, retain_graph=True),
+            1,
+        )
     if before_cls is not None:
         op_before = before_cls(model, ce, probe)
         fns["product (baseline)"] = (lambda: op_before @ v, 1)
