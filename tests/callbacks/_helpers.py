@@ -6,6 +6,7 @@ import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,10 +46,11 @@ class MemoryLogger(Logger):
         return {k for _, m in self.logged for k in m}
 
 
-def make_trainer(*, validation: bool = False, **kw: Any) -> pl.Trainer:
+def make_trainer(*, validation: bool = False, package: ModuleType = pl, **kw: Any) -> pl.Trainer:
     """A CPU trainer without logger, checkpoints, progress bar or summary (each overridable).
 
     ``validation=False`` (default) also turns the validation loop and its sanity check off.
+    ``package``: ``lightning.pytorch`` (default) or ``pytorch_lightning``, whose ``Trainer`` it is.
     """
     kw.setdefault("logger", False)
     kw.setdefault("accelerator", "cpu")
@@ -59,7 +61,7 @@ def make_trainer(*, validation: bool = False, **kw: Any) -> pl.Trainer:
     if not validation:
         kw.setdefault("num_sanity_val_steps", 0)
         kw.setdefault("limit_val_batches", 0)
-    return pl.Trainer(**kw)
+    return package.Trainer(**kw)
 
 
 def quiet_fit(trainer: pl.Trainer, model: pl.LightningModule, data: Any = None, **kw: Any) -> None:

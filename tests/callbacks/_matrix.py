@@ -1,10 +1,11 @@
 """The support matrix's cells, its model and its runs, single process and in a 2-process gloo group.
 
 A cell is one combination of framework (``lightning`` / ``pytorch_lightning``), precision
-(``32-true`` / ``bf16-mixed``), gradient accumulation (1 / 2), gradient clipping (off / on) and
-optimization (automatic with one optimizer, manual with one, manual with two). Under manual
-optimization Lightning rejects ``accumulate_grad_batches`` and ``gradient_clip_val``, so there the
-module accumulates and clips itself (``self.clip_gradients``), as users do.
+(``32-true`` / ``bf16-mixed``; ``16-mixed``, fp16 with a GradScaler, in :data:`FP16_CELLS` only),
+gradient accumulation (1 / 2), gradient clipping (off / on) and optimization (automatic with one
+optimizer, manual with one, manual with two). Under manual optimization Lightning rejects
+``accumulate_grad_batches`` and ``gradient_clip_val``, so there the module accumulates and clips
+itself (``self.clip_gradients``), as users do.
 
 Every cell runs three fits on the same global data and the same initial weights:
 
@@ -64,7 +65,7 @@ class Cell:
     """One combination of the matrix's dimensions (see the module docstring)."""
 
     framework: Framework = "lightning"
-    precision: Literal["32-true", "bf16-mixed"] = "32-true"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     accumulate: int = 1
     clip: bool = False
     optimization: Optimization = "automatic"
@@ -102,6 +103,15 @@ def all_cells() -> list[Cell]:
             ("automatic", "manual", "manual-2opt"),
         )
     ]
+
+
+# fp16 with a GradScaler, single process: every callback under automatic and manual optimization,
+# accumulation 1 and 2, under both packages (8 cells; the full product stays 32-true / bf16-mixed).
+FP16_CELLS: tuple[Cell, ...] = tuple(
+    Cell(fw, "16-mixed", acc, False, opt)  # type: ignore[arg-type]
+    for fw, acc, opt in itertools.product(("lightning", "pytorch_lightning"), (1, 2), ("automatic", "manual"))
+)
+FP16_INIT_SCALE = 2.0**8  # no overflow on this model: every step is taken, none skipped
 
 
 # All-pairs (pairwise) cover of the 5 dimensions for DDP: every pair of values of any two
@@ -258,7 +268,6 @@ def _trainer(cell: Cell, world: int, callbacks: list[Any], logger: Any) -> Any:
         accelerator="cpu",
         devices=world,
         max_epochs=1,
-        precision=cell.precision,
         logger=logger,
         callbacks=callbacks,
         log_every_n_steps=1,
@@ -269,6 +278,13 @@ def _trainer(cell: Cell, world: int, callbacks: list[Any], logger: Any) -> Any:
         limit_val_batches=0,
         deterministic=False,
     )
+    if cell.precision == "16-mixed":
+        # On CPU precision="16-mixed" silently runs bf16: the plugin given explicitly keeps fp16 and
+        # its GradScaler, of the cell's own package.
+        scaler = torch.amp.GradScaler("cpu", init_scale=FP16_INIT_SCALE)
+        kw["plugins"] = [fw.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler)]
+    else:
+        kw["precision"] = cell.precision
     if world > 1:
         # The loader brings its own unshuffled sampler (see _fit): Lightning's would shuffle.
         kw.update(strategy="ddp", use_distributed_sampler=False)
@@ -281,6 +297,21 @@ def _trainer(cell: Cell, world: int, callbacks: list[Any], logger: Any) -> Any:
 
 def _weights(module: nn.Module) -> dict[str, list[float]]:
     return {n: p.detach().reshape(-1).tolist() for n, p in module.named_parameters()}
+
+
+def _scalers(trainer: Any, twin: TwinDivergence | None) -> dict[str, Any] | None:
+    """Under 16-mixed: the autocast dtype, the real GradScaler's scale and its twin's clone (None
+    without a twin): a distinct object, at the same scale."""
+    real = getattr(trainer.precision_plugin, "scaler", None)
+    if real is None:
+        return None
+    clone = twin.engine.scaler if twin is not None and twin.engine is not None else None
+    return {
+        "dtype": str(trainer.precision_plugin.autocast_context_manager().fast_dtype),
+        "scale": float(real.get_scale()),
+        "twin_scale": None if clone is None else float(clone.get_scale()),
+        "twin_own": None if clone is None else clone is not real,
+    }
 
 
 def _fit(cell: Cell, world: int, callbacks: list[Any]) -> tuple[Any, Any, Any]:
@@ -338,7 +369,11 @@ def run_cell(cell: Cell, world: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {"cell": cell.name, "rank": rank, "world": world}
 
     module, trainer, _ = _fit(cell, world, [])
-    out["baseline"] = {"weights": _weights(module), "global_step": int(trainer.global_step)}
+    out["baseline"] = {
+        "weights": _weights(module),
+        "global_step": int(trainer.global_step),
+        "scaler": _scalers(trainer, None),
+    }
 
     monitors: list[Any] = [*_sharpness_monitors(cell), StabilityMonitor(every_n_steps=1, strict=True)]
     if cell.twin_supported:
@@ -353,6 +388,7 @@ def run_cell(cell: Cell, world: int = 1) -> dict[str, Any]:
         "sharpness": [[r.to_dict() for r in m.history] for m in sharp],
         "stability": trainer.recorder.stability,
         "twin": [r.to_dict() for r in twins[0].history] if twins else None,
+        "scaler": _scalers(trainer, twins[0] if twins else None),
         "logged_keys": sorted({k for m in logger.logged for k in m}),
         "log_calls": len(logger.logged),
     }
@@ -367,6 +403,7 @@ def run_cell(cell: Cell, world: int = 1) -> dict[str, Any]:
         "weights": _weights(module),
         "history": [r.to_dict() for r in controller.history],
         "twin_gaps": [r.divergence for r in twin.history] if twin is not None else None,
+        "scaler": _scalers(trainer, twin),
         "logged_keys": sorted({k for m in logger.logged for k in m}),
         "log_calls": len(logger.logged),
     }

@@ -6,7 +6,9 @@ Checkpoints at an epoch boundary and mid-epoch with a loader Lightning restores 
 ``torchdata`` ``StatefulDataLoader``); mid-epoch with a plain shuffled ``DataLoader`` (which Lightning
 does not resume exactly) the callbacks must change nothing relative to the same resume without them.
 A checkpoint written without the callbacks resumes with them (they start fresh) and one written with
-them resumes without them. Every checkpoint loads with ``torch.load(weights_only=True)``.
+them resumes without them. Every checkpoint loads with ``torch.load(weights_only=True)``. The
+mid-epoch resume with all four callbacks runs under the standalone ``pytorch_lightning`` package's
+``Trainer`` too (its module, callbacks and ``ModelCheckpoint`` of that package).
 
 The model draws dropout masks from the global generator and carries BatchNorm statistics. Lightning
 does not checkpoint the global generator, so :class:`GlobalRngResume` (test scaffolding, listed
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import pytorch_lightning as ptl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -30,13 +34,16 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_eos.callbacks import AdaptiveLocalLR, SharpnessMonitor, StabilityMonitor, TwinDivergence
 from tests.callbacks._helpers import MemoryLogger, make_trainer, quiet_fit
 
+PACKAGES: dict[str, ModuleType] = {"lightning": pl, "pytorch_lightning": ptl}
+
 STEPS = 12  # two epochs of 6 batches
 BIG_LR = 3.0  # past the edge at first: AdaptiveLocalLR caps layers, its state matters for the weights
 SMALL_LR = 0.05  # far below every bound: AdaptiveLocalLR leaves every multiplier at exactly 1
 
 
-class Net(pl.LightningModule):
-    """Linear-BN-ReLU-Dropout-Linear on 48 samples of 8 features, 3 classes, batches of 8."""
+class _NetBody:
+    """Linear-BN-ReLU-Dropout-Linear on 48 samples of 8 features, 3 classes, batches of 8 (mixed into
+    either package's ``LightningModule``)."""
 
     def __init__(self, loader: str = "stateful", lr: float = BIG_LR) -> None:
         super().__init__()
@@ -55,11 +62,12 @@ class Net(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)
+        self.log("train_loss", loss)  # type: ignore[attr-defined]
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-3)
+        params = self.parameters()  # type: ignore[attr-defined]
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=1e-3)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.8)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -70,7 +78,11 @@ class Net(pl.LightningModule):
         return DataLoader(data, batch_size=8, shuffle=True)
 
 
-class GlobalRngResume(pl.Callback):
+class Net(_NetBody, pl.LightningModule):
+    """The model, a ``lightning.pytorch`` module."""
+
+
+class _GlobalRngResumeBody:
     """Checkpoints the global CPU generator and restores it where the uninterrupted run went on.
 
     Saved at a batch end mid-epoch, the next draw of the uninterrupted run is the next batch's:
@@ -80,6 +92,7 @@ class GlobalRngResume(pl.Callback):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._epoch_end = False
         self._pending: dict[str, Any] | None = None
 
@@ -103,6 +116,23 @@ class GlobalRngResume(pl.Callback):
             torch.set_rng_state(state_dict["rng"])
         else:
             self._pending = dict(state_dict)
+
+
+class GlobalRngResume(_GlobalRngResumeBody, pl.Callback):
+    """The generator's checkpointing, a ``lightning.pytorch`` callback."""
+
+
+# The same model and scaffolding under the standalone package. The lightning-eos callbacks are
+# lightning.pytorch callbacks and MemoryLogger a lightning.pytorch logger: a pytorch_lightning
+# Trainer runs both as they are (it type-checks neither).
+_OWN = {
+    "lightning": (Net, GlobalRngResume, ModelCheckpoint),
+    "pytorch_lightning": (
+        type("Net", (_NetBody, ptl.LightningModule), {"__module__": __name__}),
+        type("GlobalRngResume", (_GlobalRngResumeBody, ptl.Callback), {"__module__": __name__}),
+        ptl.callbacks.ModelCheckpoint,
+    ),
+}
 
 
 ALL = ("sharpness", "stability", "twin", "local_lr")
@@ -150,13 +180,17 @@ def _fit(
     save: ModelCheckpoint | None = None,
     resume: Path | None = None,
     twin_signal: bool = True,
+    package: str = "lightning",
 ) -> dict[str, Any]:
-    pl.seed_everything(7, verbose=False)
-    model = Net(loader, lr)
+    fw = PACKAGES[package]
+    net, rng_resume, _ = _OWN[package]
+    fw.seed_everything(7, verbose=False)
+    model = net(loader, lr)
     ours = _callbacks(names, twin_signal)
     logger = MemoryLogger()
-    callbacks: list[pl.Callback] = [GlobalRngResume(), *ours, *([save] if save is not None else [])]
+    callbacks: list[Any] = [rng_resume(), *ours, *([save] if save is not None else [])]
     trainer = make_trainer(
+        package=fw,
         max_steps=STEPS,
         callbacks=callbacks,
         logger=logger,
@@ -165,6 +199,7 @@ def _fit(
         enable_checkpointing=save is not None,
     )
     quiet_fit(trainer, model, ckpt_path=resume)
+    assert isinstance(model, fw.LightningModule) and isinstance(trainer, fw.Trainer)
     assert trainer.global_step == STEPS
     for cb in ours:
         assert getattr(cb, "failure", None) is None
@@ -251,12 +286,22 @@ def test_resume_at_an_epoch_boundary(names: tuple[str, ...], tmp_path: Path) -> 
         assert min(_multipliers(full)) < 1.0
 
 
-@pytest.mark.parametrize("names", CONFIGS, ids=IDS)
-def test_resume_mid_epoch_with_a_stateful_loader(names: tuple[str, ...], tmp_path: Path) -> None:
-    save = ModelCheckpoint(tmp_path, every_n_train_steps=8, save_top_k=-1)
-    full = _fit(names, "stateful", save=save)
-    resumed = _fit(names, "stateful", resume=_checkpoint(tmp_path, "epoch=1-step=8.ckpt", names))
+@pytest.mark.parametrize(
+    ("names", "package"),
+    [*((names, "lightning") for names in CONFIGS), (ALL, "pytorch_lightning")],
+    ids=[*IDS, "all-pytorch_lightning"],
+)
+def test_resume_mid_epoch_with_a_stateful_loader(
+    names: tuple[str, ...], package: str, tmp_path: Path
+) -> None:
+    checkpoint = _OWN[package][2]
+    save = checkpoint(tmp_path, every_n_train_steps=8, save_top_k=-1)
+    full = _fit(names, "stateful", save=save, package=package)
+    path = _checkpoint(tmp_path, "epoch=1-step=8.ckpt", names)
+    resumed = _fit(names, "stateful", resume=path, package=package)
     _assert_continues(full, resumed)
+    if "local_lr" in names:  # the controller really changed the update: its state matters
+        assert min(_multipliers(full)) < 1.0
 
 
 @pytest.fixture(scope="module")

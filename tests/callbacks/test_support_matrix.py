@@ -1,7 +1,8 @@
 """The tested support matrix of docs/support.md: every callback under every combination of framework,
 precision, accumulation, clipping and optimization style, in one process and under 2-process DDP.
 
-Single process: the full product (48 cells, :func:`tests.callbacks._matrix.all_cells`), each with
+Single process: the full product (48 cells, :func:`tests.callbacks._matrix.all_cells`) and 8 fp16
+cells with a GradScaler (:data:`tests.callbacks._matrix.FP16_CELLS`), each with
 exact answers (critical sharpness 3.8/lr, ratio = sharpness/critical, the StabilityMonitor's margin
 equal to the same step's ratio, the controller's multipliers from its bounds) and the monitored run's
 weights bitwise equal to the unmonitored run's. DDP: an all-pairs cover (6 cells) run in ONE
@@ -74,11 +75,22 @@ def _initial_ulp_gap(cell: mx.Cell) -> float:
 # ------------------------------------------------------------------------------ single process
 
 
-@pytest.mark.parametrize("cell", mx.all_cells(), ids=lambda c: c.name)
+@pytest.mark.parametrize("cell", [*mx.all_cells(), *mx.FP16_CELLS], ids=lambda c: c.name)
 def test_single_process_cell(cell: mx.Cell) -> None:
     out = single(cell)
     steps = _steps(cell)
     assert out["baseline"]["global_step"] == steps * cell.optimizers
+    if cell.precision == "16-mixed":
+        # fp16 autocast with a GradScaler that never overflowed (every step taken); the twin steps
+        # through its own clone of the real scaler, at the same scale.
+        real = {"dtype": "torch.float16", "scale": mx.FP16_INIT_SCALE}
+        twin = {"twin_scale": mx.FP16_INIT_SCALE, "twin_own": True} if cell.twin_supported else {}
+        blank = {"twin_scale": None, "twin_own": None}
+        assert out["baseline"]["scaler"] == {**real, **blank}
+        for fit in ("monitored", "controlled"):
+            assert out[fit]["scaler"] == {**real, **blank, **twin}, f"{cell.name}: {fit} scaler"
+    else:
+        assert out["baseline"]["scaler"] is None
 
     mon = out["monitored"]
     assert mon["failures"] == {}, f"{cell.name}: a callback stepped aside: {mon['failures']}"
@@ -147,19 +159,37 @@ def test_the_dimensions_take_effect() -> None:
     for changed in (
         mx.Cell(clip=True),
         mx.Cell(precision="bf16-mixed"),
+        mx.Cell(precision="16-mixed"),
         mx.Cell(accumulate=2),
     ):
         assert single(changed)["baseline"]["weights"] != single(base)["baseline"]["weights"], changed.name
-    for fw, prec, acc, clip in itertools.product(
+    fp16 = single(mx.Cell(precision="16-mixed"))["baseline"]["weights"]
+    assert fp16 != single(mx.Cell(precision="bf16-mixed"))["baseline"]["weights"]  # fp16, not bf16
+    # The probes run in float32 on the unscaled loss (a scaled one would read 256 times larger): the
+    # first refresh, on the initial weights, is the 32-true run's exactly; the sharpness follows the
+    # 32-true run's up to fp16's rounding of the updates (measured at most 3.0e-4).
+    for cell in mx.FP16_CELLS:
+        fp16_out, f32_out = single(cell), single(dataclasses.replace(cell, precision="32-true"))
+        assert (
+            fp16_out["controlled"]["history"][0]["curvature"]
+            == f32_out["controlled"]["history"][0]["curvature"]
+        )
+        for a, b in zip(
+            fp16_out["monitored"]["sharpness"][0], f32_out["monitored"]["sharpness"][0], strict=True
+        ):
+            assert a["sharpness"] == pytest.approx(b["sharpness"], rel=1e-3), cell.name
+    grid = itertools.product(
         ("lightning", "pytorch_lightning"), ("32-true", "bf16-mixed"), (1, 2), (False, True)
-    ):
+    )
+    fp16_grid = {(c.framework, c.precision, c.accumulate, c.clip) for c in mx.FP16_CELLS}
+    for fw, prec, acc, clip in [*grid, *sorted(fp16_grid)]:
         auto = single(mx.Cell(fw, prec, acc, clip, "automatic"))  # type: ignore[arg-type]
         manual = single(mx.Cell(fw, prec, acc, clip, "manual"))  # type: ignore[arg-type]
         assert manual["baseline"]["weights"] == auto["baseline"]["weights"]
         for a, m in zip(auto["monitored"]["sharpness"][0], manual["monitored"]["sharpness"][0]):
             assert m["sharpness"] == pytest.approx(a["sharpness"], rel=1e-6)
     # The framework changes nothing: the same cell under either package gives the same numbers.
-    for cell in mx.all_cells():
+    for cell in [*mx.all_cells(), *mx.FP16_CELLS]:
         if cell.framework == "lightning":
             other = single(dataclasses.replace(cell, framework="pytorch_lightning"))
             for fit in ("baseline", "monitored", "controlled"):  # JSON: NaN ("not measured") equals NaN
