@@ -117,8 +117,6 @@ class Setup:
 #: Step budgets. The CNN's steps cost 2.5-3x the MLP's and its refreshes more (five blocks, double
 #: back-propagation through BatchNorm): it runs on minibatches only, with fewer steps.
 STEPS = {("mlp", None): 150, ("mlp", 100): 300, ("cnn", 100): 150}
-#: Arms skipped per model (to fit the CPU budget: the ablations are run on the MLP).
-SKIP = {"mlp": (), "cnn": ("global", "static")}
 
 CONTROLLER_ARMS: dict[str, dict[str, Any]] = {
     "cap": {"layers": "module", "mode": "cap"},
@@ -682,7 +680,7 @@ def run_setup(
         eta_lars = stable_lr(setup, data, 2.0**16, "LARS")
         grids["LARS"] = [eta_lars * 2.0**e for e in exponents]
     for arm in GRID_ARMS[1:]:
-        if (arm == "LARS" and setup.optimizer == "adam") or arm in SKIP[setup.model]:
+        if arm == "LARS" and setup.optimizer == "adam":
             continue
         runs[arm] = {
             lr: [run_one(setup, arm, lr, s, data, target) for s in range(seeds)] for lr in grids[arm]
