@@ -107,9 +107,7 @@ def _state_tensors(module: nn.Module, optimizer: torch.optim.Optimizer | None) -
     return out
 
 
-def _fit(
-    model_name: str, callback: pl.Callback | None, steps: int
-) -> tuple[float, float, pl.Trainer, Any]:
+def _fit(model_name: str, callback: pl.Callback | None, steps: int) -> tuple[float, float, pl.Trainer, Any]:
     model = MODELS[model_name]()
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(
