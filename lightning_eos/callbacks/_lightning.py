@@ -50,6 +50,7 @@ __all__ = [
     "lightning_module_class",
     "add_custom_scalars",
     "allreduce_sum",
+    "any_rank",
     "check_supported_strategy",
     "extract_loss",
     "group_hparams",
@@ -575,3 +576,18 @@ def allreduce_sum(trainer: Trainer) -> Callable[[torch.Tensor], torch.Tensor] | 
         return out
 
     return reduce
+
+
+def any_rank(trainer: Trainer, flag: bool, device: torch.device | None = None) -> bool:
+    """Whether ``flag`` holds on any data-parallel rank: one all-reduce (the flag itself in one process).
+
+    For every decision made from a rank-local value (a probe loss, the twin's loss on this rank's
+    batch, a validation batch a ``predict_fn`` failed on) that decides whether a collective follows:
+    a rank deciding alone would leave the others waiting in it. ``device``: where the flag tensor
+    lives (the backend's device; default the strategy's root device).
+    """
+    reduce = allreduce_sum(trainer)
+    if reduce is None:
+        return bool(flag)
+    where = trainer.strategy.root_device if device is None else device
+    return bool(reduce(torch.tensor([float(flag)], dtype=torch.float64, device=where)).item() > 0)

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import IterableDataset
 
-from lightning_eos.callbacks._lightning import StepReplica
+from lightning_eos.callbacks._lightning import StepReplica, any_rank
 from lightning_eos.isolation import isolated_rng, rng_devices
 
 __all__ = ["FixedProbe", "loader_batch_size", "probe_loss_is_finite", "probe_objective", "probe_precision"]
@@ -128,24 +128,22 @@ class FixedProbe:
 
 
 def probe_loss_is_finite(
-    model: torch.nn.Module, loss_fn: LossFn, probe: list[Any], reduce: Any, mode: str
+    model: torch.nn.Module, loss_fn: LossFn, probe: list[Any], trainer: Trainer, mode: str
 ) -> bool:
     """Whether the probe loss is finite on every rank (one forward pass per probe chunk).
 
-    The decision is all-reduced (``reduce``) so that every rank skips, or runs, the collective
-    solver alike.
+    Agreed across ranks (:func:`~lightning_eos.callbacks._lightning.any_rank`), so that every rank
+    skips, or runs, the collective solver alike.
     """
     was_training = model.training
     model.train(mode == "train")
     try:
         with torch.no_grad():
-            bad = sum(0 if bool(torch.isfinite(loss_fn(model, b).detach()).all()) else 1 for b in probe)
+            # every chunk, no early exit: each rank runs the same forwards (a SyncBatchNorm is a collective)
+            finite = [bool(torch.isfinite(loss_fn(model, b).detach()).all()) for b in probe]
     finally:
         model.train(was_training)
-    flag = torch.tensor([float(bad)], dtype=torch.float64, device=next(model.parameters()).device)
-    if reduce is not None:
-        flag = reduce(flag)
-    return float(flag.sum()) == 0.0
+    return not any_rank(trainer, not all(finite), device=next(model.parameters()).device)
 
 
 def probe_objective(replica: StepReplica, user_fn: LossFn | None, sign: float) -> LossFn:

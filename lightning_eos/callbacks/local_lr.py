@@ -531,7 +531,7 @@ class AdaptiveLocalLR(Callback):
             )
             loss_fn = probe_objective(replica, self.loss_fn, sign)
 
-            if probe_loss_is_finite(replica.module, loss_fn, probe, reduce, self.probe_mode):
+            if probe_loss_is_finite(replica.module, loss_fn, probe, trainer, self.probe_mode):
                 op = curvature.HessianOperator(
                     replica.module,
                     loss_fn,

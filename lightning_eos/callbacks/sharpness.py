@@ -477,7 +477,7 @@ class SharpnessMonitor(Callback):
                 )
                 return replica.module, self._loss(replica)
 
-            if not probe_loss_is_finite(*fresh(), batches, reduce, self.mode):
+            if not probe_loss_is_finite(*fresh(), batches, trainer, self.mode):
                 return self._nan_record(trainer, "probe loss")
             explore = self._exploration("top")
             top_kw: dict[str, Any] = dict(
@@ -541,7 +541,7 @@ class SharpnessMonitor(Callback):
                     self._keep_warm(f"layer/{name}", block, params, explore)
             batch_value = float("nan")
             if self.batch_sharpness:
-                if self.probe == "current" or probe_loss_is_finite(*fresh(), [batch], reduce, self.mode):
+                if self.probe == "current" or probe_loss_is_finite(*fresh(), [batch], trainer, self.mode):
                     batch_value = float(
                         curvature.batch_sharpness(
                             *fresh(),

@@ -46,6 +46,7 @@ from lightning_eos.callbacks._lightning import (
     OptimizerStepTracker,
     StepReplica,
     allreduce_sum,
+    any_rank,
     check_supported_strategy,
     extract_loss,
     fault_group,
@@ -84,20 +85,6 @@ def _at_global_step(module: pl.LightningModule, step: int) -> Iterator[None]:
         yield
     finally:
         view.pop("global_step", None)
-
-
-def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
-    """Whether ``flag`` holds on any data-parallel rank (one all-reduce; the flag itself in one process).
-
-    For decisions made from rank-local values (the twin's loss on this rank's batch, a validation
-    batch a ``predict_fn`` failed on): a rank that froze the twin, or skipped a metric's sync, alone
-    would leave the others waiting in their next collective.
-    """
-    reduce = allreduce_sum(trainer)
-    if reduce is None:
-        return bool(flag)
-    device = trainer.strategy.root_device
-    return bool(reduce(torch.tensor([float(flag)], dtype=torch.float64, device=device)).item() > 0)
 
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
@@ -491,7 +478,7 @@ class TwinDivergence(Callback):
         engine = self.engine
         assert engine is not None
         r = engine.record(trainer.global_step, log_step=logging_step(trainer), epoch=trainer.current_epoch)
-        if _any_rank(trainer, r.nonfinite):
+        if any_rank(trainer, r.nonfinite):
             action = "re-synced to the real model" if self.resync_on_nonfinite else "frozen"
             rank_zero_warn(
                 f"TwinDivergence: the twin's loss or weights became non-finite at twin step "
@@ -618,8 +605,8 @@ class TwinDivergence(Callback):
         disagree, loss_real, loss_twin = self._val_metrics
         # compute() syncs across ranks (a collective): every rank must call the same ones, so the
         # rank-local reasons to skip one (the default predict_fn failed, no loss) are agreed first.
-        self._predict_failed = _any_rank(trainer, self._predict_failed)
-        has_loss = _any_rank(trainer, loss_real.update_count > 0)
+        self._predict_failed = any_rank(trainer, self._predict_failed)
+        has_loss = any_rank(trainer, loss_real.update_count > 0)
         metrics: dict[str, float] = {}
         if not self._predict_failed:
             metrics[f"{self.log_prefix}/val_disagreement"] = float(disagree.compute())
