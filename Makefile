@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	# torch first: a bare "torch" requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# the local-LR benchmark's baselines (its --quick mode is a test); --no-deps keeps the CPU torch
+	$(PY) -m pip install --quiet --no-deps prodigyopt dadaptation pytorch-optimizer
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,8 +33,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	# --no-deps: the peers' own requirements would replace the CPU torch with a CUDA build.
 	$(PY) -m pip install --quiet --no-deps pyhessian hessian-eigenthings curvlinops-for-pytorch \
-		einops einconv opt-einsum linear_operator backpack-for-pytorch \
-		prodigyopt dadaptation pytorch-optimizer
+		einops einconv opt-einsum linear_operator backpack-for-pytorch
 	$(PY) benchmarks/bench_curvature.py
 	$(PY) benchmarks/bench_twin.py
 
