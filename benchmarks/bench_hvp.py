@@ -8,7 +8,7 @@ same 512-sample probe batch; one torch thread):
   ``operator.py`` loaded from ``FILE``, measured in the same run and interleaved with it), the bare
   ``torch.autograd.grad(g, params, v)`` on a cached graph (the floor of reverse-over-reverse; for
   models with BatchNorm once with the native kernel in the graph and once with the affine form the
-  operator records, ``lightning_eos.curvature.operator.affine_batch_norm``), the
+  operator records, ``lightning_eos.curvature.operator.second_order_forms``), the
   finite-difference product, and the candidate speed-ups that were measured and rejected
   (``is_grads_batched`` over 8 vectors, per vector; channels-last activations and weights).
   Times are CPU seconds of this process (``time.process_time``: user + system, so page faults
@@ -48,7 +48,7 @@ from bench_curvature import build, ce, load_digits_std, trained  # noqa: E402
 
 import lightning_eos.curvature.operator as operator_module  # noqa: E402
 from lightning_eos.curvature import HessianOperator, hessian_eigenvalues  # noqa: E402
-from lightning_eos.curvature.operator import affine_batch_norm  # noqa: E402
+from lightning_eos.curvature.operator import second_order_forms  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -142,11 +142,12 @@ def _cost_one(name: str, repeats: int, before_cls: type | None) -> dict[str, flo
             8,
         ),
     }
-    if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules()):
-        with affine_batch_norm(m):  # the graph the operator records: BatchNorm as x·a + c
-            g_affine = torch.autograd.grad(ce(m, probe), mp, create_graph=True)
-        fns["bare autograd.grad, affine BatchNorm graph"] = (
-            lambda: torch.autograd.grad(g_affine, mp, vm, retain_graph=True),
+    if any(isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.ReLU)) for mod in m.modules()):
+        # the graph the operator records: BatchNorm as x·a + c, ReLU as x·mask
+        with second_order_forms(m):
+            g_forms = torch.autograd.grad(ce(m, probe), mp, create_graph=True)
+        fns["bare autograd.grad, second-order forms graph"] = (
+            lambda: torch.autograd.grad(g_forms, mp, vm, retain_graph=True),
             1,
         )
     if before_cls is not None:

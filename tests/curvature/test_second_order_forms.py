@@ -1,6 +1,7 @@
-"""Train-mode BatchNorm recorded as a per-channel affine map in the cached gradient graph
-(:func:`lightning_eos.curvature.operator.affine_batch_norm`): same loss, gradient and Hessian as the
-native kernel, running statistics and the module's ``forward`` untouched, other layers unchanged."""
+"""The forms :func:`lightning_eos.curvature.operator.second_order_forms` records in the cached gradient
+graph — train-mode BatchNorm as a per-channel affine map, ReLU as a masked product: same loss,
+gradient and Hessian as the native kernels, running statistics and the modules' ``forward``
+untouched, other layers unchanged."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+import lightning_eos.curvature.operator as operator_module
 from lightning_eos.curvature import HessianOperator
-from lightning_eos.curvature.operator import _affine_applies, affine_batch_norm
+from lightning_eos.curvature.operator import _affine_applies, second_order_forms
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -160,7 +162,7 @@ def test_forward_and_running_stats_restored_after_an_exception_in_the_loss() -> 
     assert "forward" not in vars(model.bn) and model.bn.forward.__func__ is nn.BatchNorm2d.forward
     assert all(torch.equal(a, b) for a, b in zip(stats, _stats(model.bn)))
     assert model.training and model.bn.track_running_stats
-    with pytest.raises(RuntimeError, match="inside"), affine_batch_norm(model):
+    with pytest.raises(RuntimeError, match="inside"), second_order_forms(model):
         assert "forward" in vars(model.bn)
         raise RuntimeError("inside")
     assert "forward" not in vars(model.bn)
@@ -198,7 +200,7 @@ def test_only_exact_batchnorm_types_in_train_mode_without_tracking_are_replaced(
     custom = nn.BatchNorm2d(3).double()
     custom.forward = lambda t: t + 1.0  # a forward set on the instance is the user's: kept
     model["custom"] = custom
-    with affine_batch_norm(model):
+    with second_order_forms(model):
         assert [k for k, m in model.items() if "forward" in vars(m)] == ["exact", "custom"]
         assert model["custom"](x).equal(x + 1.0)
         bn = model["exact"]
@@ -243,3 +245,114 @@ def test_hooks_fire_and_mixed_dtypes_keep_the_native_kernel() -> None:
     assert _affine_applies(bn, torch.randn(4, 3))
     assert not _affine_applies(bn, torch.randn(4, 3, dtype=torch.float64))
     assert not _affine_applies(bn.eval(), torch.randn(4, 3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ReLU as x · mask
+# ---------------------------------------------------------------------------------------------------
+
+
+class _ReluNet(nn.Module):
+    """Linear(4 → 5) → ReLU → Linear(→ 5) → ReLU → Linear(→ 2), float64. With ``inplace`` the second
+    ReLU's result is read through its *input* (the in-place semantics the masked form must keep)."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+        self.relu1, self.relu2 = nn.ReLU(inplace=inplace), nn.ReLU(inplace=inplace)
+        self.inplace = inplace
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu1(self.a(x))
+        z = self.b(h)
+        out = self.relu2(z)
+        return self.c(z if self.inplace else out)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+def test_masked_relu_hvp_loss_gradient_match_native(inplace: bool) -> None:
+    model, batch = _ReluNet(inplace), _data(16)
+    op = HessianOperator(model, _ce, batch)
+    nodes = _graph_node_names(op)
+    assert "MulBackward0" in nodes and not any("Relu" in n or "Threshold" in n for n in nodes), nodes
+    f, flat0 = _native_loss(model, batch)
+    H = torch.autograd.functional.hessian(f, flat0)
+    assert float(H.abs().max()) > 0
+    for s in range(2):
+        v = torch.randn(op.dim, generator=torch.Generator().manual_seed(20 + s), dtype=torch.float64)
+        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+    p = flat0.clone().requires_grad_(True)
+    loss = f(p)
+    (g,) = torch.autograd.grad(loss, p)
+    assert op.loss == float(loss.detach())  # same function: the ReLU values are bitwise the same
+    torch.testing.assert_close(op.gradient(), g, rtol=1e-12, atol=1e-13)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+class _ReluSubclass(nn.ReLU):
+    pass
+
+
+def test_masked_relu_values_and_where_the_native_relu_is_kept() -> None:
+    model = nn.ModuleDict(
+        {
+            "exact": nn.ReLU(),
+            "subclass": _ReluSubclass(),
+            "leaky": nn.LeakyReLU(),
+            "relu6": nn.ReLU6(),
+        }
+    )
+    x = torch.tensor([[-2.0, -0.5, 0.0, 0.5, 3.0, float("nan"), float("inf")]], dtype=torch.float64)
+    with second_order_forms(model):
+        assert [k for k, m in model.items() if "forward" in vars(m)] == ["exact"]
+        relu = model["exact"]
+        y = relu(x.clone().requires_grad_(True))
+        assert type(y.grad_fn).__name__ == "MulBackward0"
+        torch.testing.assert_close(y, torch.relu(x), rtol=0, atol=0, equal_nan=True)
+        # -inf · 0 would be NaN: the native ReLU
+        ninf = torch.tensor([-float("inf"), 1.0], requires_grad=True)
+        out = relu(ninf)
+        assert type(out.grad_fn).__name__ == "ReluBackward0" and out.tolist() == [0.0, 1.0]
+        # a TorchFunctionMode is promised F.relu; integer and empty tensors: the native ReLU
+        with _Seen() as mode:
+            relu(x)
+        assert any(getattr(f, "__name__", "") == "relu" for f in mode.funcs), mode.funcs
+        assert relu(torch.tensor([-1, 2])).tolist() == [0, 2]
+        assert relu(torch.empty(0)).numel() == 0
+    assert not any("forward" in vars(m) for m in model.values())
+
+
+def test_a_transformers_model_with_relu_gets_bitwise_the_native_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model not written here: a small BERT with ``hidden_act="relu"`` (its ``nn.ReLU`` modules)."""
+    transformers = pytest.importorskip("transformers")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_act="relu",
+            max_position_embeddings=16,
+            num_labels=3,
+        )
+        model = transformers.BertForSequenceClassification(cfg).double()
+        ids, labels = torch.randint(0, 50, (4, 8)), torch.randint(0, 3, (4,))
+    assert sum(type(m) is nn.ReLU for m in model.modules()) == 2
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return m(input_ids=b[0], labels=b[1]).loss
+
+    op = HessianOperator(model, loss, (ids, labels))
+    assert not any("Relu" in n or "Threshold" in n for n in _graph_node_names(op))
+    monkeypatch.setattr(operator_module, "_SECOND_ORDER_FORMS", {})
+    native = HessianOperator(model, loss, (ids, labels))
+    assert any("Relu" in n or "Threshold" in n for n in _graph_node_names(native))
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(op @ v, native @ v)
