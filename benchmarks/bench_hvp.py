@@ -7,8 +7,8 @@ same 512-sample probe batch; one torch thread):
   for the default exact product (and, with ``--baseline FILE``, for another version of
   ``operator.py`` loaded from ``FILE``, measured in the same run and interleaved with it), the bare
   ``torch.autograd.grad(g, params, v)`` on a cached graph (the floor of reverse-over-reverse; for
-  models with BatchNorm once with the native kernel in the graph and once with the affine form the
-  operator records, ``lightning_eos.curvature.operator.second_order_forms``), the
+  models with BatchNorm or ReLU once with the native kernels in the graph and once with the forms
+  the operator records, ``lightning_eos.curvature.operator.second_order_forms``), the
   finite-difference product, and the candidate speed-ups that were measured and rejected
   (``is_grads_batched`` over 8 vectors, per vector; channels-last activations and weights).
   Times are CPU seconds of this process (``time.process_time``: user + system, so page faults
