@@ -45,7 +45,9 @@ Usage::
         [--out FILE.md] [--json FILE.json] [--figures DIR] [--quick] [--from-json FILE.json ...]
 
 ``--quick`` (the smoke test): one seed, the MLP with SGD on full batch only, a 3-value grid, 40
-steps, every arm. ``--from-json`` rebuilds the tables and figures from saved ``--json`` files.
+steps, every arm (also the diagnostic ``cap from step 10``, which ``--arms`` adds to other runs).
+``--from-json`` rebuilds the tables and figures from saved ``--json`` files (arms of one setup
+saved in several files merge).
 Costs are CPU seconds of this process (``time.process_time``), one torch thread.
 """
 
@@ -114,18 +116,26 @@ class Setup:
         return f"{self.model.upper()}, {opt}, {batch}"
 
 
-#: Step budgets. The CNN's steps cost 2.5-3x the MLP's and its refreshes more (five blocks, double
-#: back-propagation through BatchNorm): it runs on minibatches only, with fewer steps.
-STEPS = {("mlp", None): 150, ("mlp", 100): 300, ("cnn", 100): 150}
+#: Step budgets. Minibatch runs read the full-data loss every 10 steps, so they get more steps (MLP)
+#: or the same (the CNN, whose steps cost 2.5-3x the MLP's and whose refreshes more: five blocks,
+#: double back-propagation through BatchNorm).
+STEPS = {("mlp", None): 150, ("mlp", 100): 300, ("cnn", None): 150, ("cnn", 100): 150}
+
+#: Step before which the diagnostic arm "cap from step 10" makes no refresh (so no cut).
+LATE_START = 10
 
 CONTROLLER_ARMS: dict[str, dict[str, Any]] = {
     "cap": {"layers": "module", "mode": "cap"},
     "fill": {"layers": "module", "mode": "fill"},
     "global": {"layers": "global", "mode": "cap"},
     "static": {"layers": "module", "mode": "cap", "freeze_after": STATIC_REFRESHES},
+    # a diagnostic, not run by default: is the controller's effect all in its first refreshes?
+    f"cap from step {LATE_START}": {"layers": "module", "mode": "cap", "first_refresh": LATE_START},
 }
 GRID_ARMS = ("constant", "warm-up+cosine", "LARS", *CONTROLLER_ARMS)
 FREE_ARMS = ("Prodigy", "D-Adapt Adam")  # no learning rate to tune
+#: The arms a run has unless ``--arms`` says otherwise (``constant`` always runs: it sets the target).
+DEFAULT_ARMS = ("warm-up+cosine", "LARS", "cap", "fill", "global", "static", *FREE_ARMS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,6 +264,7 @@ def run_one(
     schedule = RefreshSchedule(EVERY)
     if arm in CONTROLLER_ARMS:
         spec = CONTROLLER_ARMS[arm]
+        schedule.next_step = spec.get("first_refresh", 0)
         ctl = LocalLRController(
             opt,
             controlled_layers(model, opt, spec["layers"]),
@@ -482,6 +493,11 @@ def summarize(setup: Setup, res: dict[str, Any], emit: Callable[[str], None]) ->
             )
 
 
+def _present(arms: Sequence[str], results: dict[str, dict[str, Any]]) -> list[str]:
+    """The arms, in order, that at least one setup of ``results`` ran."""
+    return [a for a in arms if any(a in res["runs"] for res in results.values())]
+
+
 def _best_steps(by_lr: dict[float, list[Run]]) -> tuple[float | None, list[Run]]:
     b = best_lr(by_lr)
     return b, ([] if b is None else [r for r in by_lr[b] if r.reached is not None])
@@ -491,7 +507,7 @@ def overview(
     results: dict[str, dict[str, Any]], setups: dict[str, Setup], emit: Callable[[str], None]
 ) -> None:
     """Three cross-setup tables: robustness, efficiency, calm (medians over seeds)."""
-    arms = list(GRID_ARMS)
+    arms = _present(GRID_ARMS, results)
     emit("")
     emit("Robustness: median over seeds of the fraction of the 8 grid LRs reaching the target (largest")
     emit("base LR / η_s reaching it with every seed in brackets):")
@@ -517,7 +533,7 @@ def overview(
     emit("Efficiency: median steps to the target at each arm's best LR (best LR / η_s, seeds reaching it);")
     emit("controller arms also median work (steps + refresh CPU in training steps):")
     emit("")
-    all_arms = [*arms, *FREE_ARMS]
+    all_arms = [*arms, *_present(FREE_ARMS, results)]
     emit("| setup | " + " | ".join(all_arms) + " |")
     emit("|" + "---|" * (len(all_arms) + 1))
     for key, res in results.items():
@@ -618,7 +634,7 @@ def plot_steps(results: dict[str, dict[str, Any]], setups: dict[str, Setup], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [*GRID_ARMS, *FREE_ARMS]
+    arms = _present((*GRID_ARMS, *FREE_ARMS), results)
     keys = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(keys) + 3), 3.4))
     width = 0.8 / len(arms)
@@ -654,7 +670,12 @@ def plot_steps(results: dict[str, dict[str, Any]], setups: dict[str, Setup], pat
 
 
 def run_setup(
-    setup: Setup, seeds: int, exponents: Sequence[int], calm: bool, free_cache: dict[Any, list[Run]]
+    setup: Setup,
+    seeds: int,
+    exponents: Sequence[int],
+    calm: bool,
+    free_cache: dict[Any, list[Run]],
+    arms: Sequence[str] = DEFAULT_ARMS,
 ) -> dict[str, Any]:
     data = load_data(setup.model)
     top = 64.0 if setup.optimizer != "adam" else 1.0
@@ -676,16 +697,16 @@ def run_setup(
     # 2. every other arm stops at the target. LARS scales its LR by trust·‖w‖/‖g‖ per layer: its LR
     #    is tuned on a grid of the same shape around its own largest stable LR.
     grids = {arm: grid for arm in GRID_ARMS}
-    if setup.optimizer != "adam":
+    if setup.optimizer != "adam" and "LARS" in arms:
         eta_lars = stable_lr(setup, data, 2.0**16, "LARS")
         grids["LARS"] = [eta_lars * 2.0**e for e in exponents]
     for arm in GRID_ARMS[1:]:
-        if arm == "LARS" and setup.optimizer == "adam":
+        if arm not in arms or (arm == "LARS" and setup.optimizer == "adam"):
             continue
         runs[arm] = {
             lr: [run_one(setup, arm, lr, s, data, target) for s in range(seeds)] for lr in grids[arm]
         }
-    for arm in FREE_ARMS:
+    for arm in (a for a in FREE_ARMS if a in arms):
         # no LR and no dependence on the setup's optimizer: run once per (model, batch) for the whole
         # budget, then read the steps to this setup's target off the curve
         key = (setup.model, setup.batch_size, setup.steps, arm)
@@ -740,11 +761,18 @@ def read_json(paths: Sequence[Path]) -> tuple[dict[str, dict[str, Any]], dict[st
             def runs_of(items: list[dict[str, Any]]) -> list[Run]:
                 return [Run(**{**r, "curve": [tuple(c) for c in r["curve"]]}) for r in items]
 
-            results[key] = {
+            res = {
                 **{kk: vv for kk, vv in v.items() if kk not in ("runs", "calm")},
                 "runs": {a: {float(lr): runs_of(rs) for lr, rs in by.items()} for a, by in v["runs"].items()},
                 "calm": {a: runs_of(rs) for a, rs in v.get("calm", {}).items()},
             }
+            if key in results:  # the same setup in an earlier file: same grid and target, more arms
+                old = results[key]
+                if (old["eta_s"], old["target"]) != (res["eta_s"], res["target"]):
+                    raise ValueError(f"{path}: {key} has another grid or target than an earlier file")
+                res["runs"] = {**old["runs"], **res["runs"]}
+                res["calm"] = {**old["calm"], **res["calm"]}
+            results[key] = res
     return results, setups
 
 
@@ -758,6 +786,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--batches", nargs="+", default=["full", "100"], choices=["full", "100"])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(DEFAULT_ARMS),
+        choices=[*GRID_ARMS[1:], *FREE_ARMS],
+        help="arms besides constant (which sets the target and always runs)",
+    )
     parser.add_argument("--no-calm", action="store_true", help="skip the twin / held-out accuracy runs")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--json", type=Path, default=None, help="write the raw runs here")
@@ -787,6 +822,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 setups[s.key] = s
     if args.quick:
         args.seeds, exponents = 1, (-1, 0, 1)
+        args.arms = [*GRID_ARMS[1:], *FREE_ARMS]
         setups = {"mlp-sgd-full": Setup("mlp", "sgd", None, 40)}
     lines: list[str] = []
 
@@ -817,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     free_cache: dict[Any, list[Run]] = {}
     for key, setup in setups.items():
         t0 = time.process_time()
-        results[key] = run_setup(setup, args.seeds, exponents, not args.no_calm, free_cache)
+        results[key] = run_setup(setup, args.seeds, exponents, not args.no_calm, free_cache, args.arms)
         summarize(setup, results[key], emit)
         emit("")
         emit(f"({setup.key}: {time.process_time() - t0:.0f} s CPU)")
