@@ -373,7 +373,8 @@ def second_order_forms(model: nn.Module) -> Iterator[None]:
     but the output's ``grad_fn`` is an ``AddcmulBackward0`` instead of
     ``NativeBatchNormBackward0`` (ReLU: ``MulBackward0`` instead of ``ReluBackward0``), and a
     ``TorchDispatchMode`` sees ``var_mean``, ``rsqrt``, ``mul``, ``sub``, ``addcmul`` instead of
-    ``native_batch_norm`` (ReLU: ``gt``, ``mul``). A forward set on the instance inside the
+    ``native_batch_norm`` (ReLU: ``isneginf``, ``any``, ``gt``, ``_to_copy``, ``mul`` instead of
+    ``relu``). A forward set on the instance inside the
     block (by the loss) is the caller's and is left in place.
     """
     # Only look for compiled modules if dynamo was loaded (it is imported by torch.compile).
