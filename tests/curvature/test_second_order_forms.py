@@ -88,6 +88,22 @@ def _native_loss(
     return f, flat0
 
 
+def _assert_matches_native(op: HessianOperator, model: nn.Module, batch: Batch) -> float:
+    """``op``'s products equal the dense float64 Hessian of the unpatched loss (to 1e-10, two random
+    vectors) and its gradient the native one (to 1e-12); returns the native loss."""
+    f, flat0 = _native_loss(model, batch)
+    H = torch.autograd.functional.hessian(f, flat0)
+    assert op.dim == flat0.numel() and float(H.abs().max()) > 0
+    for s in range(2):
+        v = torch.randn(op.dim, generator=torch.Generator().manual_seed(10 + s), dtype=torch.float64)
+        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+    p = flat0.clone().requires_grad_(True)
+    loss = f(p)
+    (g,) = torch.autograd.grad(loss, p)
+    torch.testing.assert_close(op.gradient(), g, rtol=1e-12, atol=1e-13)
+    return float(loss.detach())
+
+
 def _graph_node_names(op: HessianOperator) -> set[str]:
     assert op._graphs and op._graphs[0].flat is not None
     stack, seen, names = [op._graphs[0].flat.grad_fn], set(), set()
@@ -116,18 +132,8 @@ def test_affine_batchnorm_hvp_loss_gradient_match_native(case: str, affine: bool
     # the cached graph holds the affine form, not the native kernel
     nodes = _graph_node_names(op)
     assert "AddcmulBackward0" in nodes and not any("BatchNorm" in n for n in nodes), nodes
-    f, flat0 = _native_loss(model, batch)
-    H = torch.autograd.functional.hessian(f, flat0)
-    assert op.dim == flat0.numel()
-    for s in range(2):
-        v = torch.randn(op.dim, generator=torch.Generator().manual_seed(10 + s), dtype=torch.float64)
-        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
-    p = flat0.clone().requires_grad_(True)
-    loss = f(p)
-    (g,) = torch.autograd.grad(loss, p)
-    native = float(loss.detach())
+    native = _assert_matches_native(op, model, batch)
     assert abs(op.loss - native) <= 1e-12 * max(1.0, abs(native))
-    torch.testing.assert_close(op.gradient(), g, rtol=1e-12, atol=1e-13)
     # nothing of the probe is left on the model
     assert all(torch.equal(a, b) for a, b in zip(stats, _stats(model.bn)))
     assert "forward" not in vars(model.bn) and not model.training and model.bn.track_running_stats
@@ -278,17 +284,8 @@ def test_masked_relu_hvp_loss_gradient_match_native(inplace: bool) -> None:
     op = HessianOperator(model, _ce, batch)
     nodes = _graph_node_names(op)
     assert "MulBackward0" in nodes and not any("Relu" in n or "Threshold" in n for n in nodes), nodes
-    f, flat0 = _native_loss(model, batch)
-    H = torch.autograd.functional.hessian(f, flat0)
-    assert float(H.abs().max()) > 0
-    for s in range(2):
-        v = torch.randn(op.dim, generator=torch.Generator().manual_seed(20 + s), dtype=torch.float64)
-        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
-    p = flat0.clone().requires_grad_(True)
-    loss = f(p)
-    (g,) = torch.autograd.grad(loss, p)
-    assert op.loss == float(loss.detach())  # same function: the ReLU values are bitwise the same
-    torch.testing.assert_close(op.gradient(), g, rtol=1e-12, atol=1e-13)
+    # the same function: the ReLU values, and so the loss, are bitwise the native ones
+    assert op.loss == _assert_matches_native(op, model, batch)
     assert not any("forward" in vars(m) for m in model.modules())
 
 
