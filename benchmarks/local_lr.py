@@ -45,7 +45,8 @@ Usage::
         [--out FILE.md] [--json FILE.json] [--figures DIR] [--quick] [--from-json FILE.json ...]
 
 ``--quick`` (the smoke test): one seed, the MLP with SGD on full batch only, a 3-value grid, 40
-steps, every arm (also the diagnostic ``cap from step 10``, which ``--arms`` adds to other runs).
+steps, every arm (also the diagnostics ``cap from step 10`` and ``cap, fixed probe``, which ``--arms``
+adds to other runs).
 ``--from-json`` rebuilds the tables and figures from saved ``--json`` files (arms of one setup
 saved in several files merge).
 Costs are CPU seconds of this process (``time.process_time``), one torch thread.
@@ -129,8 +130,11 @@ CONTROLLER_ARMS: dict[str, dict[str, Any]] = {
     "fill": {"layers": "module", "mode": "fill"},
     "global": {"layers": "global", "mode": "cap"},
     "static": {"layers": "module", "mode": "cap", "freeze_after": STATIC_REFRESHES},
-    # a diagnostic, not run by default: is the controller's effect all in its first refreshes?
+    # diagnostics, not run by default: is the controller's effect all in its first refreshes? Does
+    # the whole training set's curvature (AdaptiveLocalLR's probe="fixed" with its default 1024
+    # samples: all 1000 here) do better on minibatches than the batch the step trains on?
     f"cap from step {LATE_START}": {"layers": "module", "mode": "cap", "first_refresh": LATE_START},
+    "cap, fixed probe": {"layers": "module", "mode": "cap", "probe": "fixed"},
 }
 GRID_ARMS = ("constant", "warm-up+cosine", "LARS", *CONTROLLER_ARMS)
 FREE_ARMS = ("Prodigy", "D-Adapt Adam")  # no learning rate to tune
@@ -285,6 +289,7 @@ def run_one(
     gen = torch.Generator().manual_seed(1000 + seed)
     perm, pos = torch.randperm(n, generator=gen), 0
     full = (data.x, data.y)
+    fixed_probe = arm in CONTROLLER_ARMS and CONTROLLER_ARMS[arm].get("probe") == "fixed"
     with torch.no_grad():
         start = float(loss_of(model, full))
     out = Run(final=start)
@@ -300,7 +305,7 @@ def run_one(
         if ctl is not None and not ctl.frozen and schedule.due(step):
             t0 = time.process_time()
             try:
-                op = HessianOperator(model, loss_of, batch)
+                op = HessianOperator(model, loss_of, full if fixed_probe else batch)
             except ValueError:  # a non-finite loss on this batch (what AdaptiveLocalLR skips): diverged
                 out.diverged, out.final = True, math.nan
                 break
