@@ -315,11 +315,11 @@ def _masked_relu_forward(self: nn.ReLU, x: torch.Tensor) -> torch.Tensor:
     Same values as ``F.relu`` (bitwise for finite inputs, NaN kept), same first derivative ``m`` and
     second derivative 0. Why: the native ReLU backward ``threshold_backward(g, y)`` has a double
     backward that materializes a zero tensor of the activation's size (and adds it) for the derivative
-    in ``y``; a product by a constant mask has none (a product about 3 % faster on the cnn and cnn-bn
-    benchmark models, bitwise the same result; measured: ``docs/curvature.md``). Inputs the mask would
-    get wrong keep the class's ``forward``: ``−inf`` (``−inf · 0`` is NaN), non-floating or empty
-    tensors, and tensors with a ``__torch_function__`` override (a subclass or an active
-    ``TorchFunctionMode`` is promised ``F.relu``).
+    in ``y``; a product by a constant mask has none (a product 1–6 % faster on the cnn and cnn-bn
+    benchmark models in paired runs, bitwise the same result; measured: ``docs/curvature.md``). Inputs
+    the mask would get wrong keep the class's ``forward``: ``−inf`` (``−inf · 0`` is NaN),
+    non-floating or empty tensors, and tensors with a ``__torch_function__`` override (a subclass or
+    an active ``TorchFunctionMode`` is promised ``F.relu``).
     """
     if (
         not x.is_floating_point()
@@ -350,7 +350,7 @@ def second_order_forms(model: nn.Module) -> Iterator[None]:
 
     Used only while a gradient graph that will be differentiated again is recorded (the cached
     graph of :class:`HessianOperator`): one product through it costs about 0.5 gradients less on
-    a CNN with BatchNorm (2.86 → 2.37 on cnn-bn) and about 3 % less again with ReLU (measured:
+    a CNN with BatchNorm (2.86 → 2.37 on cnn-bn) and 1–6 % less again with ReLU (measured:
     ``docs/curvature.md``). Each function, its first and second derivatives are those of the
     native kernel up to rounding (ReLU: bitwise).
 
