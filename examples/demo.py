@@ -267,8 +267,8 @@ def build_callbacks(args: argparse.Namespace) -> list[pl.Callback]:
             probe_size=256 if args.quick else None,
             per_layer=True,  # block sharpness of every layer: the space-time map and the per-layer table
             # Residual cap 1 %: the monitor's own default (sqrt of its eig_tol=1e-4, the eigenvalue
-            # accuracy, which decides); --quick loosens it to 5 %. Measured here: 14 products per
-            # cold top solve, 8.0 per warm one; eig_tol=1e-3 would save 10 %.
+            # accuracy, which decides); --quick loosens it to 5 %. Measured here: 14 products for the
+            # first top solve, then 9.8 per cold one or 8.1 per warm one; eig_tol=1e-3 saves 9 %.
             tol=5e-2 if args.quick else 1e-2,
             max_iter=12 if args.quick else 30,
             which=args.which,  # "both": also λ_min and the weight-decay window (one more solve)
