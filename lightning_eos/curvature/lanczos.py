@@ -369,8 +369,8 @@ def _explored(theta: torch.Tensor, res: torch.Tensor, k: int, which: str, p: int
     carries only the random part's weight): the bulk part of the warm vector is explored first, and
     a front that is a bulk mixture reaches a 10 % residual before ``λ1`` surfaces. With the light
     wait (10 %, 8 products) a full solve stopped on ``λ2`` with ``converged=True`` in 106 of 192
-    cases (every case with ``λ2/λ1`` = 0.99; 32 and 26 of 48 at 0.95 and 0.9; none at 0.7; none
-    without a bulk part), with the full wait in 9 (all at 0.99; a cold solve, with the same
+    cases (every case with ``λ2/λ1`` = 0.99; 32 and 26 of 48 at 0.95 and 0.9, all with a bulk
+    part; none at 0.7), with the full wait in 9 (all at 0.99; a cold solve, with the same
     residual-cap limit for a 1 % cluster, in 12); 8.3 → 12.4 products per solve there (cold 10.8),
     10.4 → 10.5 per full refresh on the digits edge-of-stability run. The sequences of light
     refreshes that miss found ``λ1`` by the 2nd refresh in most cases, the 6th (5 %) or 10th (1 %) at
